@@ -8,9 +8,9 @@ meta.json + id_train.jsonl, id_test.jsonl, pool.jsonl, ood_test.jsonl (schema: s
 
 Recipe (seed 0 everywhere, so the output is byte-identical on every run):
 - QBQTC dev.json (20,000 rows) minus rows whose (query, title) pair is also in a test split
-  (QBQTC's published dev and test_public share 1,153 rows after deduplication) or whose query is in
-  ood_test, split BY QUERY: 4,500 rows -> pool (domain "web"), the rest -> id_train. Splitting by query keeps
-  the pool's web part new to the model in the same way the medical part is, query by query. Queries
+  (QBQTC's published dev and test_public share 1,153 rows after deduplication) or whose query is
+  in ood_test, split BY QUERY: 4,500 rows -> pool (domain "web"), the rest -> id_train. Splitting
+  by query keeps the pool's web part new to the model in the same way the medical part is. Queries
   (not pairs) shared with test_public stay: id_test is meant to be in distribution.
 - id_test = QBQTC test_public.json. ood_test = KUAKE-QTR dev.json.
 - pool = the 4,500 web rows + 1,500 rows drawn from KUAKE-QTR train rows whose query is not in
