@@ -15,11 +15,14 @@ import torch.nn.functional as F
 # English default; a benchmark's meta.json may carry its own (our Chinese one does). It ends exactly
 # at the answer position: the grade token follows "Grade:" directly. No trailing space, because with
 # SentencePiece (Gemma) " 2" is two tokens ("▁", "2"), so the grade would no longer be one token.
+# Slots start a line rather than follow "Query: ": the space would become a token of its own when
+# the template is tokenized in pieces (encode_pair); with newlines the pieces tokenize exactly as
+# the whole string does (checked with Gemma 3 on 200 QBQTC rows, vs 55/200 with the space).
 DEFAULT_PROMPT = (
     "Judge how relevant the document is to the search query.\n"
     "0 = irrelevant, 1 = partly relevant, 2 = highly relevant.\n"
-    "Query: {query}\n"
-    "Document: {item}\n"
+    "Query:\n{query}\n"
+    "Document:\n{item}\n"
     "Grade:"
 )
 
@@ -51,7 +54,7 @@ def encode_pair(tokenizer, query, item, template=DEFAULT_PROMPT, max_len=128):
     answer position, is never cut.
     """
     head, first, middle, second, tail = _split_template(template)
-    bos = tokenizer.encode("", bos=True)  # [bos], or [] for models without one (Qwen2)
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 has no bos
     fixed = [tokenizer.encode(t) for t in (head, middle, tail)]
     n_fixed = len(bos) + sum(len(t) for t in fixed)
     if n_fixed >= max_len:

@@ -183,3 +183,91 @@ def test_ndcg_matches_sklearn_per_query_mean():
     assert m["ndcg_queries"] == len(ref) and 30 <= len(ref) < 40
     assert m["ndcg@10"] == pytest.approx(np.mean(ref))
     assert "ndcg@10" not in darl.relevance_metrics(probs[:3], labels[:3], ["a", "b", "c"])
+
+
+# ---------------------------------------------------------------- model-backed: tiny random Gemma 3
+
+def tiny_gemma(path):
+    """A 4-layer random Gemma 3 saved with transformers, loaded with model.Transformer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    import model
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16)
+    hf = Gemma3ForCausalLM(cfg).eval()
+    hf.save_pretrained(path)
+    return hf, model.Transformer.from_pretrained(path)
+
+
+def _right_padded_batch():
+    g = torch.Generator().manual_seed(1)
+    ex = [(torch.randint(3, 320, (n,), generator=g).tolist(), [0] * n) for n in (9, 21, 14)]
+    return darl.collate(ex, pad_id=0, multiple=8)
+
+
+def test_grade_logits_and_sft_loss_match_transformers_full_logits(tmp_path, monkeypatch):
+    hf, model = tiny_gemma(tmp_path)
+    b = _right_padded_batch()
+    grade_ids = torch.tensor([17, 5, 300])
+    with torch.no_grad():
+        full = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    last = b["attention_mask"].sum(1) - 1
+    ref = full[torch.arange(3), last]
+    answers = torch.tensor([4, 200, 17])
+    sft = darl.sft_loss(model, b["input_ids"], b["attention_mask"], answers)
+    assert sft.item() == pytest.approx(F.cross_entropy(ref, answers).item(), abs=1e-5)
+
+    real_logits = model.logits
+
+    def no_full_vocab(hidden, token_ids=None):
+        assert token_ids is not None, "grade_logits built full-vocabulary logits"
+        return real_logits(hidden, token_ids)
+    monkeypatch.setattr(model, "logits", no_full_vocab)
+    got = darl.grade_logits(model, b["input_ids"], b["attention_mask"], grade_ids)
+    assert got.shape == (3, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref[:, grade_ids], atol=1e-5, rtol=1e-5)
+    loss = darl.darl_loss(got, torch.tensor([0, 2, 1]))  # the loss backpropagates into the model
+    loss.backward()
+    assert model.embed_tokens.weight.grad is not None and torch.isfinite(model.embed_tokens.weight.grad).all()
+
+
+# ---------------------------------------------------------------- real Gemma 3 270M and QBQTC rows
+
+WEIGHTS, BENCH = ROOT / "data" / "gemma3_270m", ROOT / "data" / "qbqtc2kuake"
+
+
+def test_real_gemma_grade_logits_and_truncated_qbqtc_prompt():
+    for d, script in ((WEIGHTS, "data/gemma3_270m/prepare.py"), (BENCH, "data/qbqtc2kuake/prepare.py")):
+        if not (d / ("config.json" if d == WEIGHTS else "meta.json")).exists():
+            pytest.fail(f"{d} is not prepared: run `python {script}` first (this test needs the real files)")
+    import model
+    torch.manual_seed(0)
+    tok, m = model.Tokenizer(WEIGHTS), model.Transformer.from_pretrained(WEIGHTS)
+    grade_ids = torch.tensor(darl.grade_token_ids(tok, ["0", "1", "2"]))
+    assert len(set(grade_ids.tolist())) == 3
+    template = json.loads((BENCH / "meta.json").read_text(encoding="utf-8"))["prompt"]
+    tail = template.rsplit("}", 1)[1]
+    rows = [json.loads(line) for line in (BENCH / "id_test.jsonl").read_text(encoding="utf-8").splitlines()[:200]]
+    rows = sorted(rows, key=lambda r: -len(r["item"]))[:2] + rows[:2]  # the two longest items and two others
+    max_len = 56
+    examples = []
+    for r in rows:
+        for t in (template, darl.DEFAULT_PROMPT):
+            full, _ = darl.encode_pair(tok, r["query"], r["item"], t, max_len=1024)
+            ids, content = darl.encode_pair(tok, r["query"], r["item"], t, max_len=max_len)
+            assert len(ids) == min(len(full), max_len) and ids[0] == tok.bos_id
+            t_tail = t.rsplit("}", 1)[1]
+            assert ids[-len(tok.encode(t_tail)):] == tok.encode(t_tail), "answer position cut"
+            assert tok.decode(ids).endswith(t_tail) and content[-1] == 0
+            if t == template:
+                examples.append((ids, content))
+    assert tok.decode(examples[0][0]).endswith(tail) and len(examples[0][0]) == max_len  # really truncated
+    b = darl.collate(examples, tok.pad_id)
+    with torch.no_grad():
+        got = darl.grade_logits(m, b["input_ids"], b["attention_mask"], grade_ids)
+        h = m(b["input_ids"], b["attention_mask"])
+        full_logits = m.logits(h[torch.arange(len(examples)), b["attention_mask"].sum(1) - 1])
+    assert full_logits.shape[1] == m.args.vocab_size
+    torch.testing.assert_close(got, full_logits[:, grade_ids].float(), atol=1e-4, rtol=0)

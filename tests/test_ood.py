@@ -232,3 +232,60 @@ def test_annotation_missing_id_is_named(tmp_path):
     path.write_text('{"id": "p0", "label": 0}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"labelled\.jsonl: field 'id': 1 selected ids have no line, e\.g\. \['p1'\]"):
         ood.read_annotations(path, ["p0", "p1"], 3)
+
+
+# ---------------------------------------------------------------- extract_features (tiny random Gemma 3)
+
+def tiny_gemma(path):
+    """A 4-layer random Gemma 3 saved with transformers, loaded with model.Transformer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    import model
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16)
+    hf = Gemma3ForCausalLM(cfg).eval()
+    hf.save_pretrained(path)
+    return hf, model.Transformer.from_pretrained(path)
+
+
+def _examples(n=11, seed=0):
+    """Token lists of varied length: 2 template tokens, content, 3 template tokens."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        c = int(rng.integers(1, 40))
+        ids = [2] + rng.integers(3, 320, size=c + 4).tolist()
+        out.append((ids, [0, 0] + [1] * c + [0, 0, 0]))
+    return out
+
+
+@pytest.mark.parametrize("layer,pooling", [(2, "last"), (2, "mean"), (None, "mean"), (None, "last")])
+def test_extract_features_matches_transformers_hidden_states(tmp_path, monkeypatch, layer, pooling):
+    hf, model = tiny_gemma(tmp_path)
+    examples = _examples()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("extract_features built logits or ran a block after `layer`")
+    monkeypatch.setattr(model, "logits", must_not_run)
+    if layer is not None:
+        model.layers[layer].register_forward_pre_hook(must_not_run)
+    feats = ood.extract_features(model, examples, pad_id=0, layer=layer, pooling=pooling, batch_size=4)
+    assert feats.dtype == torch.float32 and feats.shape == (11, 64) and feats.device.type == "cpu"
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(11))
+    for i, (ids, content) in enumerate(examples):  # one at a time through transformers, input order
+        with torch.no_grad():
+            hs = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        h = hs[-1 if layer is None else layer][0]
+        c = torch.tensor(content, dtype=torch.bool)
+        ref = h[c].mean(0) if pooling == "mean" else h[c][-1]
+        torch.testing.assert_close(feats[i], torch.nn.functional.normalize(ref, dim=0), atol=2e-5, rtol=1e-4)
+
+
+def test_extract_features_rejects_empty_content_and_bad_pooling(tmp_path):
+    _, model = tiny_gemma(tmp_path)
+    with pytest.raises(ValueError, match="example 1"):
+        ood.extract_features(model, [([2, 5, 6], [0, 1, 0]), ([2, 5, 6], [0, 0, 0])], pad_id=0)
+    with pytest.raises(ValueError, match="pooling"):
+        ood.extract_features(model, _examples(2), pad_id=0, pooling="max")
