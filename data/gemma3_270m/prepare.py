@@ -24,9 +24,15 @@ Facts about llama.cpp's Gemma 3 conversion (convert_hf_to_gguf.py, Gemma3Model) 
   by real spaces ("pre-normalize user-defined spaces"); we turn spaces back into '▁' (SentencePiece
   matches user-defined pieces after whitespace escaping), make <unk> UNKNOWN (SentencePiece refuses
   a model without one) and give non-NORMAL pieces score 0 as SentencePiece's trainer does.
+- CONTROL there means "special" in HF's tokenizer_config, not the SentencePiece type. Only
+  <pad>/<eos>/<bos> stay CONTROL (SentencePiece's bos_id()/eos_id()/pad_id() require it); the other
+  added tokens (<start_of_turn>, <mask>, <unusedN>, ...) become USER_DEFINED, so a literal
+  "<start_of_turn>" in text is one token, as in gemma_pytorch (which encodes chat strings with
+  SentencePiece) and in transformers (which matches every added token in text).
 Normalizer/trainer flags follow Gemma's tokenizer.model: identity normalizer, no dummy prefix
 (GGUF add_space_prefix=False), whitespace kept, byte fallback, split digits, BPE.
-Idempotent: each output is written via tmp + rename and skipped when it already exists.
+Idempotent: each output is written via tmp + rename and skipped when it already exists; the
+assembled GGUF is deleted at the end.
 """
 import json
 import os
@@ -135,7 +141,10 @@ def make_tokenizer(r):
     ids = {k: field(r, f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos", "padding")}
     m = sp_pb2.ModelProto()
     for i, (tok, score, typ) in enumerate(zip(tokens, scores, types)):
-        typ = Piece.UNKNOWN if i == ids["unknown"] else typ
+        if i == ids["unknown"]:
+            typ = Piece.UNKNOWN
+        elif typ == Piece.CONTROL and i not in (ids["bos"], ids["eos"], ids["padding"]):
+            typ = Piece.USER_DEFINED
         m.pieces.add(piece=tok.replace(" ", "▁"), score=score if typ == Piece.NORMAL else 0.0, type=typ)
     ts = m.trainer_spec
     ts.model_type, ts.vocab_size = sp_pb2.TrainerSpec.BPE, len(tokens)
@@ -172,6 +181,7 @@ def main():
         if "config.json" in todo:
             cfg = make_config(r)
             write_atomic(OUT / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+        GGUF_PATH.unlink()  # 253 MB; the chunk packages stay installed, re-assembling takes a second
         print(f"wrote {', '.join(todo)} in {time.time() - t0:.1f}s", flush=True)
     else:
         print("all outputs exist; nothing to do", flush=True)
