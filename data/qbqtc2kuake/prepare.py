@@ -46,8 +46,10 @@ SOURCES = {  # local name -> (repo, commit, upstream path)
 }
 GRADES = ["irrelevant", "weak", "strong"]
 LABEL_MAPS = {"qbqtc": {0: 0, 1: 1, 2: 2}, "kuake": {0: 0, 1: 1, 2: 1, 3: 2}}
-# Chinese like the data; the answer is one digit (one token in common tokenizers) right after "答案：".
-PROMPT = "判断网页标题与搜索词的相关程度，只回答一个数字：0 不相关，1 部分相关，2 非常相关。\n搜索词：{query}\n标题：{item}\n答案："
+# Chinese like the data; the answer is one digit (one token in common tokenizers) right after the cue.
+# Short on purpose: template tokens are paid on every row of every pass. A one-sentence instruction
+# (37 Gemma tokens) made the template 60% of an average row (60 tokens); this one leaves rows at 38.
+PROMPT = "搜索词：{query}\n标题：{item}\n相关度（0-2）："
 POOL_WEB, POOL_MEDICAL, SEED = 4500, 1500, 0
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
