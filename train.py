@@ -21,6 +21,8 @@ Choices beyond the issue text, and why:
   AVX512-BF16); elsewhere bf16 is emulated and slower than fp32 (measured on a Xeon without AMX:
   0.06 vs 0.32 TFLOP/s for a 2048^3 matmul), so --dtype auto falls back to fp32. LoRA weights, the
   loss and AdamW state are always fp32.
+- DASA takes at most 3 rows per query (--max_per_query): repeated queries form dense clusters that a
+  density-ratio score also flags, and a few queries should not eat the annotation budget.
 - Stage 3 replays as many id_train rows as there are selected rows (--replay 1.0) at --lr * 0.5
   (--stage3_lr_scale): enough ID data to hold ID quality without drowning the few OOD rows.
 """
@@ -421,10 +423,12 @@ def select(judge, data, args, rt):
             test_id, test_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
         knn_id, knn_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
         pick = ood.random_select if args.select == "random" else ood.dasa_select
-        idx = pick(scores, args.budget, features=feats, groups=[r["query"] for r in pool], seed=args.seed)
+        idx = pick(scores, args.budget, features=feats, groups=[r["query"] for r in pool],
+                   max_per_group=args.max_per_query, seed=args.seed)
         idx = [int(i) for i in idx]
         report = {"ood_score": args.ood_score, "select": args.select, "budget": args.budget, "k": args.k,
-                  "layer": args.layer, "pooling": args.pooling, "pool": len(pool), "selected": len(idx),
+                  "max_per_query": args.max_per_query, "layer": args.layer, "pooling": args.pooling,
+                  "pool": len(pool), "selected": len(idx),
                   "test_auroc": ood.auroc(test_id, test_ood), "test_fpr95": ood.fpr_at_tpr(test_id, test_ood),
                   "knn_test_auroc": ood.auroc(knn_id, knn_ood)}
         domains = [r.get("domain") for r in pool]
@@ -456,7 +460,10 @@ def select(judge, data, args, rt):
         return selected
     done = os.path.join(d, "annotated.jsonl")
     if os.path.exists(done):
-        labels = ood.read_annotations(done, [r["id"] for r in selected], len(judge.grade_ids))
+        try:
+            labels = ood.read_annotations(done, [r["id"] for r in selected], len(judge.grade_ids))
+        except ValueError as e:
+            raise DataError(str(e)) from None
         return [{**r, "label": labels[r["id"]]} for r in selected]
     todo = os.path.join(d, "to_annotate.jsonl")
     if rt.main:
@@ -544,6 +551,7 @@ def get_args(argv=None):
     a("--ood_score", default="coverage", choices=["coverage", "knn"])
     a("--select", default="dasa", choices=["dasa", "random"])
     a("--k", type=int, default=10)
+    a("--max_per_query", type=int, default=3, help="DASA: at most this many selected rows per query")
     a("--layer", type=int, default=None, help="feature layer (default: ood.extract_features' own)")
     a("--pooling", default=None, choices=["last", "mean"])
     a("--stage3_from", type=int, default=2, choices=[1, 2])
