@@ -276,6 +276,11 @@ def fit(judge, rows, stage_dir, lr, epochs, args, rt):
     model, args_ = judge.model, args
     examples = judge.encode(rows)
     labels = torch.tensor([r["label"] for r in rows])
+    class_weight = None
+    if args.class_weight == "balanced":  # n / (C n_c), as sklearn's "balanced"; absent grades get 0
+        counts = torch.bincount(labels, minlength=len(judge.grade_ids)).float()
+        class_weight = torch.where(counts > 0, len(labels) / (len(counts) * counts.clamp_min(1)), 0.0)
+        rt.log(f"class weights {[round(x, 3) for x in class_weight.tolist()]} from counts {counts.int().tolist()}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     n, micro, accum = len(examples), args.batch_size, args.grad_accum
@@ -341,7 +346,8 @@ def fit(judge, rows, stage_dir, lr, epochs, args, rt):
                 loss = darl.sft_loss(model, b["input_ids"], b["attention_mask"], judge.grade_ids[y])
             else:
                 logits = darl.grade_logits(model, b["input_ids"], b["attention_mask"], judge.grade_ids)
-                loss = darl.darl_loss(logits, y, ordinal_weight=args.ordinal_weight, calibration_weight=args.calibration_weight)
+                loss = darl.darl_loss(logits, y, ordinal_weight=args.ordinal_weight,
+                                      calibration_weight=args.calibration_weight, class_weight=class_weight)
             loss = loss * len(part) / global_bs  # sum over the global batch / its size: exact under any sharding
             loss.backward()
             loss_sum += loss.detach()
@@ -546,6 +552,7 @@ def get_args(argv=None):
     a("--epochs", type=float, default=1.0, help="stage 1 epochs over id_train")
     a("--dasa_epochs", type=float, default=2.0, help="stage 2 and 3 epochs over their rows")
     a("--loss", default="darl", choices=["darl", "sft"])
+    a("--class_weight", default="balanced", choices=["balanced", "none"], help="darl loss: weight rows by grade")
     a("--ordinal_weight", type=float, default=None, help="default: darl_loss's own")
     a("--calibration_weight", type=float, default=None, help="default: darl_loss's own")
     a("--ood_score", default="coverage", choices=["coverage", "knn"])

@@ -271,3 +271,15 @@ def test_real_gemma_grade_logits_and_truncated_qbqtc_prompt():
         full_logits = m.logits(h[torch.arange(len(examples)), b["attention_mask"].sum(1) - 1])
     assert full_logits.shape[1] == m.args.vocab_size
     torch.testing.assert_close(got, full_logits[:, grade_ids].float(), atol=1e-4, rtol=0)
+
+
+def test_darl_loss_class_weight_is_a_weighted_mean_of_row_losses():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(12, 3), torch.randint(0, 3, (12,))
+    w = torch.tensor([2.0, 0.5, 3.0])
+    rows = torch.stack([darl.darl_loss(logits[i:i + 1], labels[i:i + 1]) for i in range(12)])
+    assert torch.allclose(darl.darl_loss(logits, labels, class_weight=w), (rows * w[labels]).mean(), atol=1e-6)
+    assert torch.allclose(darl.darl_loss(logits, labels, class_weight=torch.ones(3)), darl.darl_loss(logits, labels))
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    got = darl.darl_loss(logits, labels, ordinal_weight=0, calibration_weight=0, class_weight=w)
+    assert torch.allclose(got, (ce * w[labels]).mean(), atol=1e-6)
