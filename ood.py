@@ -6,9 +6,28 @@ DaRL's DASA module (Liu et al., CIKM 2024) uses OOD detection to pick samples "n
 the original training set"; the abstract names no detector, so several are here and the benchmark
 (bench/ood_features.py) picks the defaults.
 
-Defaults (DEFAULT_LAYER, DEFAULT_POOLING): see the table in bench/results/ood_features.json.
-The final-layer state at the last token is useless for OOD (KNN AUROC ~0.5): the last token is
-always the same template token. So features pool over the query and item tokens only.
+Defaults, measured by bench/ood_features.py (full table: bench/results/ood_features.json) on
+qbqtc2kuake with the base Gemma 3 270M and the benchmark's prompt; bank = 3000 id_train rows, k=10.
+AUROC/FPR95: 1000 id_test vs 1000 ood_test (coverage: those 2000 as the pool). Pool: 1500 web +
+500 medical rows; P@500 = medical share of dasa_select's 500 picks (one per query), random 0.25.
+
+| features        | knn AUROC/FPR95 | maha AUROC | coverage AUROC/FPR95 | pool knn AUROC/P@500 | pool coverage AUROC/P@500 |
+|-----------------|-----------------|------------|----------------------|----------------------|---------------------------|
+| layer 6, last   | 0.90 / 0.30     | 0.90       | 0.97 / 0.14          | 0.90 / 0.62          | 0.95 / 0.76               |
+| layer 10, last  | 0.93 / 0.21     | 0.92       | 0.98 / 0.07          | 0.92 / 0.68          | 0.97 / 0.84               |
+| layer 14, last  | 0.72 / 0.54     | 0.83       | 0.99 / 0.06          | 0.71 / 0.34          | 0.99 / 0.89               |
+| final, last     | 0.89 / 0.21     | 0.89       | 0.99 / 0.03          | 0.88 / 0.61          | 0.99 / 0.90               |
+| layer 9, mean   | 0.68 / 0.74     | 0.80       | 0.97 / 0.14          | 0.68 / 0.36          | 0.92 / 0.71               |
+| final, mean     | 0.63 / 0.73     | 0.75       | 0.97 / 0.09          | 0.61 / 0.26          | 0.94 / 0.77               |
+| TF-IDF char 1-3 | 0.66 / 0.84     | -          | 0.97 / 0.07          | 0.67 / 0.38          | 0.96 / 0.81               |
+
+'last' (the last item token, the prompt being query then item) beats 'mean' at every layer for
+knn, Mahalanobis and pool P@500 (coverage AUROC on the 1:1 mix is 0.92-0.99 for both). Centring on the bank mean before
+normalising did not help (in the JSON). Grade logits of the base model: energy 0.81, MSP 0.36.
+Default: final layer, 'last' pooling; with coverage_score it is the best or tied on every column
+(AUROC 0.99, FPR95 0.03, P@500 0.90) and it is among the best for knn and Mahalanobis too. Layer 14
+is the cheaper choice (14/18 of the forward, P@500 0.89); layer 10 is best for plain knn_score.
+These are base-model numbers: after fine-tuning the final layer may change most.
 """
 import json
 
@@ -18,7 +37,7 @@ import torch
 from darl import auroc, collate
 
 DEFAULT_LAYER = None  # None = final layer (after the final norm); k = residual stream after block k
-DEFAULT_POOLING = "mean"
+DEFAULT_POOLING = "last"
 
 
 @torch.no_grad()
@@ -96,6 +115,8 @@ def coverage_score(bank, pool, k=10, chunk=4096):
     web queries); the ratio flags what the pool has much of and the bank lacks, e.g. a new domain.
     It fades when the shifted cluster has fewer than k rows, as any density ratio must; and dense
     clusters of repeated queries look 'shifted' too, so cap selections per query group.
+    On qbqtc2kuake (table above) it beats knn_score at every layer: pool P@500 0.90 vs 0.61 at the
+    default features, and 0.81 vs 0.38 even on character TF-IDF.
     """
     d_bank = knn_score(bank, pool, k, chunk)
     d_pool = knn_score(pool, pool, k, chunk, exclude_self=True)
