@@ -546,10 +546,10 @@ def get_args(argv=None):
     a("--seed", type=int, default=0)
     a("--resume", action="store_true", help="skip finished stages, continue a cut one from its checkpoint")
     a("--limit", type=int, default=None, help="cap every split at N rows (seeded); default: --cpu_limit on CPU, none on GPU")
-    a("--cpu_limit", type=int, default=2000)
-    a("--budget", type=int, default=500, help="DASA annotation budget (rows taken from the pool)")
+    a("--cpu_limit", type=int, default=1000, help="the --limit used on CPU when none is given (sized for ~30 min)")
+    a("--budget", type=int, default=None, help="DASA annotation budget in pool rows (default: a fifth of the pool)")
     a("--max_steps", type=int, default=None, help="steps per training stage (default: from --epochs)")
-    a("--epochs", type=float, default=1.0, help="stage 1 epochs over id_train")
+    a("--epochs", type=float, default=2.0, help="stage 1 epochs over id_train")
     a("--dasa_epochs", type=float, default=2.0, help="stage 2 and 3 epochs over their rows")
     a("--loss", default="darl", choices=["darl", "sft"])
     a("--class_weight", default="balanced", choices=["balanced", "none"], help="darl loss: weight rows by grade")
@@ -608,6 +608,8 @@ def main(argv=None):
         judge.load(args.adapter)
         return score(judge, args, rt)
     meta, data = load_data(args, rt.log)
+    if args.budget is None:
+        args.budget = len(data["pool"]) // 5
     judge = Judge(args, rt, meta)
     if args.stage == "eval":  # without --adapter: the base model, zero-shot
         if args.adapter:
