@@ -58,3 +58,18 @@ def tiny_gemma(tmp_path_factory, gemma_dir):
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(gemma_dir / name, out / name)
     return str(out)
+
+
+def small_hf_gemma(path):
+    """A 4-layer random Gemma 3 (vocab 320) saved with transformers: (the transformers model, ours loaded from it)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    import model
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16)
+    hf = Gemma3ForCausalLM(cfg).eval()
+    hf.save_pretrained(path)
+    return hf, model.Transformer.from_pretrained(path)

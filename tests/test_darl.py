@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import darl  # noqa: E402
+from conftest import small_hf_gemma  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -187,20 +188,6 @@ def test_ndcg_matches_sklearn_per_query_mean():
 
 # ---------------------------------------------------------------- model-backed: tiny random Gemma 3
 
-def tiny_gemma(path):
-    """A 4-layer random Gemma 3 saved with transformers, loaded with model.Transformer."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    import model
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                           layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16)
-    hf = Gemma3ForCausalLM(cfg).eval()
-    hf.save_pretrained(path)
-    return hf, model.Transformer.from_pretrained(path)
-
-
 def _right_padded_batch():
     g = torch.Generator().manual_seed(1)
     ex = [(torch.randint(3, 320, (n,), generator=g).tolist(), [0] * n) for n in (9, 21, 14)]
@@ -208,7 +195,7 @@ def _right_padded_batch():
 
 
 def test_grade_logits_and_sft_loss_match_transformers_full_logits(tmp_path, monkeypatch):
-    hf, model = tiny_gemma(tmp_path)
+    hf, model = small_hf_gemma(tmp_path)
     b = _right_padded_batch()
     grade_ids = torch.tensor([17, 5, 300])
     with torch.no_grad():

@@ -29,32 +29,48 @@ def real_rows(n_per_file):
     return [(r["query"], r["title"]) for r in qbqtc + kuake]
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    missing = [name for name in FILES if not (CKPT / name).exists()]
+def need_checkpoint(path, files):
+    missing = [name for name in files if not (path / name).exists()]
     if missing:
-        pytest.fail(f"{CKPT} lacks {missing}: run `python data/gemma3_270m/prepare.py` first")
+        pytest.fail(f"{path} lacks {missing}: run `python data/{path.name}/prepare.py` first")
     torch.set_num_threads(2)
-    return CKPT
+    return path
 
 
-@pytest.fixture(scope="module")
-def hf_model(ckpt):
+def hf_model_of(ckpt):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(ckpt):
+def hf_tokenizer_of(ckpt):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ckpt)
 
 
+def ours_of(ckpt):
+    return model.Transformer.from_pretrained(ckpt, dtype=torch.float32), model.Tokenizer(ckpt)
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return need_checkpoint(CKPT, FILES)
+
+
+@pytest.fixture(scope="module")
+def hf_model(ckpt):
+    return hf_model_of(ckpt)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(ckpt):
+    return hf_tokenizer_of(ckpt)
+
+
 @pytest.fixture(scope="module")
 def ours(ckpt):
-    return model.Transformer.from_pretrained(ckpt, dtype=torch.float32), model.Tokenizer(ckpt)
+    return ours_of(ckpt)
 
 
 def test_logits_match_transformers(ours, hf_model):
@@ -128,30 +144,22 @@ SMOL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_c
 
 @pytest.fixture(scope="module")
 def smol_ckpt():
-    missing = [name for name in SMOL_FILES if not (SMOL / name).exists()]
-    if missing:
-        pytest.fail(f"{SMOL} lacks {missing}: run `python data/smollm2_135m/prepare.py` first")
-    torch.set_num_threads(2)
-    return SMOL
+    return need_checkpoint(SMOL, SMOL_FILES)
 
 
 @pytest.fixture(scope="module")
 def smol_hf_model(smol_ckpt):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smol_ckpt, dtype=torch.float32).eval()
+    return hf_model_of(smol_ckpt)
 
 
 @pytest.fixture(scope="module")
 def smol_hf_tokenizer(smol_ckpt):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smol_ckpt)
+    return hf_tokenizer_of(smol_ckpt)
 
 
 @pytest.fixture(scope="module")
 def smol_ours(smol_ckpt):
-    return model.Transformer.from_pretrained(smol_ckpt, dtype=torch.float32), model.Tokenizer(smol_ckpt)
+    return ours_of(smol_ckpt)
 
 
 def test_smollm2_logits_match_transformers(smol_ours, smol_hf_model):

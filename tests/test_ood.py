@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import ood  # noqa: E402
+from conftest import small_hf_gemma  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -236,20 +237,6 @@ def test_annotation_missing_id_is_named(tmp_path):
 
 # ---------------------------------------------------------------- extract_features (tiny random Gemma 3)
 
-def tiny_gemma(path):
-    """A 4-layer random Gemma 3 saved with transformers, loaded with model.Transformer."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    import model
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                           layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16)
-    hf = Gemma3ForCausalLM(cfg).eval()
-    hf.save_pretrained(path)
-    return hf, model.Transformer.from_pretrained(path)
-
-
 def _examples(n=11, seed=0):
     """Token lists of varied length: 2 template tokens, content, 3 template tokens."""
     rng = np.random.default_rng(seed)
@@ -263,7 +250,7 @@ def _examples(n=11, seed=0):
 
 @pytest.mark.parametrize("layer,pooling", [(2, "last"), (2, "mean"), (None, "mean"), (None, "last")])
 def test_extract_features_matches_transformers_hidden_states(tmp_path, monkeypatch, layer, pooling):
-    hf, model = tiny_gemma(tmp_path)
+    hf, model = small_hf_gemma(tmp_path)
     examples = _examples()
 
     def must_not_run(*args, **kwargs):
@@ -284,7 +271,7 @@ def test_extract_features_matches_transformers_hidden_states(tmp_path, monkeypat
 
 
 def test_extract_features_rejects_empty_content_and_bad_pooling(tmp_path):
-    _, model = tiny_gemma(tmp_path)
+    _, model = small_hf_gemma(tmp_path)
     with pytest.raises(ValueError, match="example 1"):
         ood.extract_features(model, [([2, 5, 6], [0, 1, 0]), ([2, 5, 6], [0, 0, 0])], pad_id=0)
     with pytest.raises(ValueError, match="pooling"):
