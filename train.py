@@ -30,7 +30,9 @@ Choices beyond the issue text, and why:
   hold ID quality without drowning the few OOD rows.
 - Rows are weighted by grade (--class_weight balanced, n / (C n_c)): QBQTC is 63% "weak", and without
   it stage 1 on the CPU configuration predicted "weak" almost always (id_test macro-F1 0.32, accuracy
-  0.65); with it 0.44-0.50 (accuracy 0.48-0.55; ECE 0.03 -> 0.05-0.08).
+  0.65); with it 0.44 and 0.50 in two runs (accuracy 0.48-0.55; ECE 0.03 -> 0.05-0.08), but 0.26 in a
+  third that differed only by 8 x 2 micro-batches (same gradient up to float rounding): at this size
+  and lr the outcome of stage 1 is unstable, to be settled by the seeded ablation.
 - CPU configuration (no GPU and no --limit): every split capped at 1000 seeded rows (--cpu_limit), 2
   stage-1 epochs (124 steps), budget 200: --stage all took 22 min on a 2-core Xeon.
 """
