@@ -426,14 +426,14 @@ def select(judge, data, args, rt):
         id_f, ood_f = judge.features(data["id_test"]), judge.features(data["ood_test"])
         rt.log(f"features: {len(bank) + len(feats) + len(id_f) + len(ood_f):,} rows in {time.time() - t0:.0f}s "
                f"(layer {args.layer}, pooling {args.pooling})")
+        knn_id, knn_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
         if args.ood_score == "coverage":
             scores = ood.coverage_score(bank, feats, k=args.k)
             test = ood.coverage_score(bank, torch.cat([id_f, ood_f]), k=args.k)
             test_id, test_ood = test[:len(id_f)], test[len(id_f):]
         else:
             scores = ood.knn_score(bank, feats, k=args.k)
-            test_id, test_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
-        knn_id, knn_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
+            test_id, test_ood = knn_id, knn_ood
         pick = ood.random_select if args.select == "random" else ood.dasa_select
         idx = pick(scores, args.budget, features=feats, groups=[r["query"] for r in pool],
                    max_per_group=args.max_per_query, seed=args.seed)
@@ -466,7 +466,8 @@ def select(judge, data, args, rt):
         rt.log("DASA: " + json.dumps(report))
     else:
         rt.log(f"DASA: reusing the selection in {sel_path}")
-    selected = [by_id[json.loads(line)["id"]] for line in open(sel_path, encoding="utf-8") if line.strip()]
+    picks = [json.loads(line) for line in open(sel_path, encoding="utf-8") if line.strip()]
+    selected = [by_id[p["id"]] for p in picks]
     if all("label" in r for r in selected):
         rt.log(f"labels for {len(selected)} selected rows: oracle (the pool carries labels)")
         return selected
@@ -479,8 +480,7 @@ def select(judge, data, args, rt):
         return [{**r, "label": labels[r["id"]]} for r in selected]
     todo = os.path.join(d, "to_annotate.jsonl")
     if rt.main:
-        scores = {json.loads(line)["id"]: json.loads(line)["score"] for line in open(sel_path, encoding="utf-8")}
-        ood.write_annotation_file(todo, selected, [scores[r["id"]] for r in selected])
+        ood.write_annotation_file(todo, selected, [p["score"] for p in picks])
     raise SystemExit(f"{len(selected)} selected pool rows need labels: fill the 'label' field of each row in {todo}, "
                      f"save the file as {done}, then rerun the same command with --resume.")
 
