@@ -84,7 +84,10 @@ def grade_token_ids(tokenizer, words):
     return ids
 
 
-def collate(examples, pad_id, multiple=16):
+PAD_MULTIPLE = 16
+
+
+def collate(examples, pad_id, multiple=PAD_MULTIPLE):
     """Right-pad (ids, content) pairs to T rounded up to `multiple`: few distinct shapes (8 up to
     128 tokens), so the allocator reuses buffers instead of growing with every new length. 16, not
     32: our benchmark rows average 38 tokens, which 32 would pad to 64 (1.7x the work)."""

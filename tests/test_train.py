@@ -157,11 +157,11 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_gemma, qbqtc2kuak
 def test_ddp_two_processes_match_one(tiny_gemma, qbqtc2kuake, tmp_path):
     common = ["--stage", "1", "--model", tiny_gemma, "--data", qbqtc2kuake, *FAST, "--lora_dropout", "0"]
     one = str(tmp_path / "one")
-    p = run(common + ["--out", one, "--grad_accum", "2"])
+    p = run(common + ["--out", one, "--micro_tokens", "64"])  # one row per forward pass
     assert p.returncode == 0, p.stderr
     two = str(tmp_path / "two")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                        os.path.join(REPO, "train.py"), *common, "--out", two, "--grad_accum", "1"],
+                        os.path.join(REPO, "train.py"), *common, "--out", two],
                        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     same_adapter(os.path.join(one, "stage1"), os.path.join(two, "stage1"), atol=1e-5)
