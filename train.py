@@ -30,9 +30,13 @@ Choices beyond the issue text, and why:
   hold ID quality without drowning the few OOD rows.
 - Rows are weighted by grade (--class_weight balanced, n / (C n_c)): QBQTC is 63% "weak", and without
   it stage 1 on the CPU configuration predicted "weak" almost always (id_test macro-F1 0.32, accuracy
-  0.65); with it 0.44 and 0.50 in two runs (accuracy 0.48-0.55; ECE 0.03 -> 0.05-0.08), but 0.26 in a
-  third that differed only by 8 x 2 micro-batches (same gradient up to float rounding): at this size
-  and lr the outcome of stage 1 is unstable, to be settled by the seeded ablation.
+  0.65, in an earlier fp32 run).
+- Stage 1 runs 4 epochs at lr 4e-4 (248 steps of 16 rows on the CPU configuration). Measured in bf16,
+  seeds 0 and 1 (bench/results/train_cpu/stage1_sweep.jsonl), id_test macro-F1: 2 epochs at 1e-3
+  0.32 / 0.30, 2 epochs at 4e-4 0.44 / 0.37, 4 epochs at 4e-4 with 32-row steps 0.50 / 0.47, and
+  4 epochs at 4e-4 with 16-row steps 0.54 / 0.50. At 1e-3 and 2 epochs, earlier fp32 runs gave 0.50,
+  0.44 and 0.26 (the last differed only by float rounding): the short run ended wherever the last
+  noisy steps left the grade biases.
 - Gradient accumulation is by token budget: each step's rows (--batch_size, over all ranks) are cut,
   shortest first, into micro-batches of at most --micro_tokens padded tokens (512 on CPU, 8192 on
   CUDA). Activation memory is then bounded whatever the lengths. Measured on Gemma 3 270M in fp32: one

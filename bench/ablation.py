@@ -31,10 +31,10 @@ Choices beyond the issue text, and why:
   row 5 after row 6 launches nothing). The price is a model load per stage (seconds).
 - CPU size: --limit 1000 on every split (train.py's CPU default). Rows processed, counting a
   training row as 3 forward rows, with train.py's defaults at limit L (budget L/5, batch 16): eval 2L,
-  stage 1 5L, stage 2 7.2L (features of 4 splits, 2 epochs over the selection, eval), stage 3 4.4L;
-  the default table is 79.4L, 4.8 stage-all runs (16.6L). One stage-all run at L=1000 took 25 min
-  on this 2-core machine, so the table takes ~2 h. The size arguments are passed on every device, so
-  the table does not depend on where it ran. --full passes --limit 0 (train.py: no cap).
+  stage 1 14L (4 epochs, eval), stage 2 7.2L (features of 4 splits, 2 epochs over the selection, eval),
+  stage 3 4.4L; the default table is 106.4L, 4.2 stage-all runs (25.6L). One stage-all run at L=1000
+  takes ~15 min on this 2-core machine in bf16, so the table takes ~1 h. The size arguments are passed
+  on every device, so the table does not depend on where it ran. --full passes --limit 0 (no cap).
 - The seed also picks train.py's subsample, so the seed spread includes the choice of rows.
   Spread = +- half the range over seeds (for two seeds this equals the population std).
 - Row 5 runs for every seed row 6 runs for: it is the stage-2 half of row 6, so it costs nothing.
@@ -77,7 +77,7 @@ MULTI_SEED = {3, 4, 5, 6}
 FROM_ROW3 = {4, 5, 6, 7, 8}
 RESERVED = {"--stage", "--out", "--seed", "--resume", "--loss", "--select", "--ood_score", "--stage3_from",
             "--adapter", "--data", "--model", "--input", "--output"}
-SHARE_OF_STAGE_ALL = {"eval": 2 / 16.6, "1": 5 / 16.6, "2": 7.2 / 16.6, "3": 4.4 / 16.6}  # rows processed, see above
+SHARE_OF_STAGE_ALL = {"eval": 2 / 25.6, "1": 14 / 25.6, "2": 7.2 / 25.6, "3": 4.4 / 25.6}  # rows processed, see above
 SPLIT_RE = re.compile(r"\] (id_train|id_test|pool|ood_test): ([\d,]+) rows")
 TRAIN_RE = re.compile(r"\] training ([\d,]+) rows: (\d+) steps of (\d+) rows")
 
