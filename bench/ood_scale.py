@@ -267,10 +267,11 @@ def gb(mb):
     return f"{mb / 1024:.2f}"
 
 
-def print_tables(res):
-    print("\n### k-th nearest-neighbour distance: time and memory\n")
-    print("| bank rows | bank dtype | method | queries | build s | search s | peak GiB | extra GiB | max abs diff vs ours fp32 | tol | check |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+def table_lines(res):
+    """The markdown tables of a run (also what bench/readme_tables.py puts in the README)."""
+    out = ["k-th nearest-neighbour distance: time and memory", "",
+           "| bank rows | bank dtype | method | queries | build s | search s | peak GiB | extra GiB | max abs diff vs ours fp32 | tol | check |",
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["knn"]:
         search = f"{r['search_s']:.1f}"
         if "search_s_all_queries_est" in r:
@@ -278,26 +279,26 @@ def print_tables(res):
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "reference"
         tol = f"{r['tol']:.1e}" if "tol" in r else "-"
         check = ("ok" if r["ok"] else "FAIL") if "ok" in r else "-"
-        print(f"| {r['bank']:,} | {r['dtype']} | {r['method']} | {r['queries']:,} | {r['build_s']:.1f} | {search} "
-              f"| {gb(r['peak_mb'])} | {gb(r['extra_mb'])} | {diff} | {tol} | {check} |")
+        out.append(f"| {r['bank']:,} | {r['dtype']} | {r['method']} | {r['queries']:,} | {r['build_s']:.1f} | {search} "
+                   f"| {gb(r['peak_mb'])} | {gb(r['extra_mb'])} | {diff} | {tol} | {check} |")
     if "dasa" not in res:
-        return
-    d = res["dasa"]
-    print("\n### DASA stages on real rows (Gemma 3 270M, float32, CPU): seconds\n")
-    print("| pool rows | repeated rows | tokens | encode | features | coverage_score | dasa_select | peak GiB | extra GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    b = d["bank"]
-    print(f"| bank: {b['n']:,} id_train | {b['repeated']:,} | {b['tokens']:,} | {b['encode_s']:.1f} | {b['features_s']:.1f} "
-          f"| - | - | {gb(b['peak_mb'])} | {gb(b['extra_mb'])} |")
+        return out
+    d, b = res["dasa"], res["dasa"]["bank"]
+    out += ["", "DASA stages on real rows (Gemma 3 270M, float32, CPU): seconds", "",
+            "| pool rows | repeated rows | tokens | encode | features | coverage_score | dasa_select | peak GiB | extra GiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| bank: {b['n']:,} id_train | {b['repeated']:,} | {b['tokens']:,} | {b['encode_s']:.1f} | {b['features_s']:.1f} "
+            f"| - | - | {gb(b['peak_mb'])} | {gb(b['extra_mb'])} |"]
     for r in d["pools"]:
-        print(f"| {r['n']:,} | {r['repeated']:,} | {r['tokens']:,} | {r['encode_s']:.2f} | {r['features_s']:.1f} "
-              f"| {r['score_s']:.2f} | {r['select_s']:.2f} | {gb(r['peak_mb'])} | {gb(r['extra_mb'])} |")
+        out.append(f"| {r['n']:,} | {r['repeated']:,} | {r['tokens']:,} | {r['encode_s']:.2f} | {r['features_s']:.1f} "
+                   f"| {r['score_s']:.2f} | {r['select_s']:.2f} | {gb(r['peak_mb'])} | {gb(r['extra_mb'])} |")
     for r in d["estimates"]:
-        print(f"| {r['n']:,} (estimate) | - | - | {r['encode_s']:.1f} | {r['features_s']:.1f} | {r['score_s']:.1f} "
-              f"| {r['select_s']:.1f} | - | - |")
+        out.append(f"| {r['n']:,} (estimate) | - | - | {r['encode_s']:.1f} | {r['features_s']:.1f} | {r['score_s']:.1f} "
+                   f"| {r['select_s']:.1f} | - | - |")
     for g in d["growth"]:
-        print(f"\ngrowth exponent p (time ~ n^p), {g['sizes'][0]:,} -> {g['sizes'][1]:,} rows: encode {g['encode_s']}, "
-              f"features {g['features_s']}, coverage_score {g['score_s']}, dasa_select {g['select_s']}")
+        out += ["", f"growth exponent p (time ~ n^p), {g['sizes'][0]:,} -> {g['sizes'][1]:,} rows: encode {g['encode_s']}, "
+                    f"features {g['features_s']}, coverage_score {g['score_s']}, dasa_select {g['select_s']}"]
+    return out
 
 
 def sizes(text):
@@ -336,7 +337,7 @@ def main():
     out = ROOT / "bench" / "results" / "ood_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
-    print_tables(res)
+    print("\n".join(table_lines(res)))
     print(f"\n{out}")
     if failed:
         sys.exit("a k-th distance check failed (see the table)")

@@ -294,21 +294,21 @@ def summarize(cli, results):
     return rows, {d: c / 1e12 for d, c in ceiling.items()}
 
 
-def print_table(cli, rows, ceiling):
-    mem = "RSS" if cli.device == "cpu" else "CUDA alloc"
-    print(f"\n| impl | mode | dtype | tokens/s (median) | p10-p90 | peak {mem} MiB (steps) | loaded MiB | TFLOP/s | % of mm |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+def table_lines(device, rows, ceiling):
+    """The markdown table of a run (also what bench/readme_tables.py puts in the README)."""
+    mem = "RSS" if device == "cpu" else "CUDA alloc"
+    lines = [f"| impl | mode | dtype | tokens/s (median) | p10-p90 | peak {mem} MiB (steps) | loaded MiB | TFLOP/s | % of mm |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            print(f"| {r['impl']} | {r['mode']} | {r['dtype']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['impl']} | {r['mode']} | {r['dtype']} | failed: {r['error'][:80]} | | | | | |")
             continue
         pct = "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.1f}"
-        print(f"| {r['impl']} | {r['mode']} | {r['dtype']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_s_p10']:.0f}-{r['tokens_per_s_p90']:.0f} | {r['peak_mib']:.0f} | "
-              f"{r['loaded_mib']:.0f} | {r['achieved_tflops']:.4f} | {pct} |")
-    for dtype, c in ceiling.items():
-        print(f"\nmatmul ceiling {dtype}: {c:.4f} TFLOP/s (one n x n torch.mm)", end="")
-    print()
+        lines.append(f"| {r['impl']} | {r['mode']} | {r['dtype']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s_p10']:.0f}-{r['tokens_per_s_p90']:.0f} | {r['peak_mib']:.0f} | "
+                     f"{r['loaded_mib']:.0f} | {r['achieved_tflops']:.4f} | {pct} |")
+    lines += [""] + [f"matmul ceiling {dtype}: {c:.4f} TFLOP/s (one n x n torch.mm)" for dtype, c in ceiling.items()]
+    return lines
 
 
 def machine_info(cli):
@@ -379,7 +379,7 @@ def main():
     rows, ceiling = summarize(cli, results)
     print(f"\n{cli.batch} x {cli.seq} tokens per step ({rows[0].get('real_tokens', '?')} real), "
           f"{per_round * cli.rounds} timed steps per row over {cli.rounds} rounds, {cli.threads} threads, {cli.device}")
-    print_table(cli, rows, ceiling)
+    print("\n" + "\n".join(table_lines(cli.device, rows, ceiling)))
     out = dict(settings=dict(model=str(cli.model), device=cli.device, dtypes=dtypes, batch=cli.batch, seq=cli.seq,
                              steps=cli.steps, warmup=cli.warmup, rounds=cli.rounds, lora=dict(r=RANK, alpha=ALPHA,
                              dropout=0.0, targets=list(TARGETS))),
