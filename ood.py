@@ -90,18 +90,20 @@ def knn_score(bank, queries, k=10, chunk=4096, exclude_self=False):
     out = torch.empty(queries.shape[0], dtype=torch.float32, device=device)
     for q0 in range(0, queries.shape[0], chunk):
         q = queries[q0:q0 + chunk].float()
-        q_sq = (q * q).sum(1, keepdim=True)
         best = torch.full((q.shape[0], k), float("inf"), device=device)
         for b0 in range(0, bank.shape[0], chunk):
             b = bank[b0:b0 + chunk].to(device).float()
-            d2 = (q_sq + (b * b).sum(1) - 2 * q @ b.T).clamp_min_(0)
+            # |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b): |q|^2 is constant along a row, so it is added after
+            # the top-k, and one addmm makes the block (fewer passes over it; the search was 2x faiss)
+            d2 = torch.addmm((b * b).sum(1)[None], q, b.T, alpha=-2)
             if exclude_self:
                 rows = torch.arange(q.shape[0], device=device)
                 cols = rows + q0 - b0
                 keep = (cols >= 0) & (cols < b.shape[0])
                 d2[rows[keep], cols[keep]] = float("inf")
-            best = torch.cat([best, d2], 1).topk(k, dim=1, largest=False).values
-        out[q0:q0 + chunk] = best[:, -1].sqrt()
+            top = d2.topk(min(k, b.shape[0]), dim=1, largest=False).values
+            best = torch.cat([best, top], 1).topk(k, dim=1, largest=False).values
+        out[q0:q0 + chunk] = (best[:, -1] + (q * q).sum(1)).clamp_min(0).sqrt()
     return out
 
 

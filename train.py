@@ -440,12 +440,13 @@ def select(judge, data, args, rt):
     by_id = {r["id"]: r for r in pool}
     if not os.path.exists(sel_path):
         judge.load(os.path.join(args.out, "stage1"))
-        t0 = time.time()
-        bank = judge.features(data["id_train"])
-        feats = judge.features(pool)
-        id_f, ood_f = judge.features(data["id_test"]), judge.features(data["ood_test"])
-        rt.log(f"features: {len(bank) + len(feats) + len(id_f) + len(ood_f):,} rows in {time.time() - t0:.0f}s "
-               f"(layer {args.layer}, pooling {args.pooling})")
+        t0, done, total, f = time.time(), 0, sum(len(data[s]) for s in SPLITS), {}
+        for split in ("id_train", "pool", "id_test", "ood_test"):  # minutes on a CPU: a line per split
+            f[split] = judge.features(data[split])
+            done += len(f[split])
+            rt.log(f"features {split}: {done:,}/{total:,} rows, {time.time() - t0:.0f}s, "
+                   f"eta {(time.time() - t0) / done * (total - done) / 60:.1f} min (layer {args.layer}, pooling {args.pooling})")
+        bank, feats, id_f, ood_f = f["id_train"], f["pool"], f["id_test"], f["ood_test"]
         knn_id, knn_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
         if args.ood_score == "coverage":
             scores = ood.coverage_score(bank, feats, k=args.k)

@@ -13,7 +13,8 @@ GEMM, so on a big bank it sees only the first 10^9 / N queries (all of them at N
 scaled by Q / (queries seen), marked "est" in the table.
 
 Part 2, DASA on real rows: the pipeline train.py's stage 2 runs, timed per stage for pools of n rows.
-Gemma 3 270M (model.Transformer.from_pretrained, float32, CPU), rows encoded with darl.encode_pair
+Gemma 3 270M (model.Transformer.from_pretrained in --dtype, CPU; auto = bf16 where the CPU has bf16
+matrix units, else float32, as train.py's --dtype auto), rows encoded with darl.encode_pair
 and meta.json's prompt (max_len 128, as train.py), ood.extract_features at its defaults
 (DEFAULT_LAYER, DEFAULT_POOLING, batch 32), coverage_score against an id_train bank of n rows
 (k = --k), dasa_select with budget n // 10, the pool's features and its queries as groups (as
@@ -34,7 +35,7 @@ allocates (faiss's own copy of the bank counts). The high-water mark is reset wi
 reset, so it would also count the transient of building the inputs and, after exec, the parent's peak.
 
     python bench/ood_scale.py [--banks 100000,1000000] [--queries 10000] [--dim 640] [--k 10]
-        [--pools 1000,4000,16000] [--model DIR] [--threads 2]
+        [--pools 1000,4000,16000] [--model DIR] [--dtype auto] [--threads 2]
 
 Prints markdown tables; writes bench/results/ood_scale.json (settings, date, git commit, versions,
 CPU, threads). Exits 1 when a k-th distance check fails, after writing the results.
@@ -161,7 +162,9 @@ def dasa_worker(job):
     import model as model_lib
     import ood
     tok = model_lib.Tokenizer(job["model"])
-    m = model_lib.Transformer.from_pretrained(job["model"])
+    bf16 = job["dtype"] == "bfloat16" or (job["dtype"] == "auto" and any(
+        getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
+    m = model_lib.Transformer.from_pretrained(job["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     meta = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))
     template = meta.get("prompt", darl.DEFAULT_PROMPT)
     n = job["n"]
@@ -186,7 +189,7 @@ def dasa_worker(job):
         t["select_s"] = time.perf_counter() - t0
         t["selected"] = len(picked)
     tokens = sum(len(ids) for ids, _ in examples)
-    return dict(n=n, repeated=repeated, tokens=tokens, **{key: round(v, 3) for key, v in t.items()}, **peak_since(base))
+    return dict(n=n, repeated=repeated, tokens=tokens, dtype="bfloat16" if bf16 else "float32", **{key: round(v, 3) for key, v in t.items()}, **peak_since(base))
 
 
 # ---------------------------------------------------------------- orchestrating (the parent stays small)
@@ -232,7 +235,7 @@ def knn_part(args, tmp):
 
 def dasa_part(args, tmp):
     bank_file = os.path.join(tmp, "bank.pt")
-    common = dict(task="dasa", model=str(args.model), k=args.k, threads=args.threads, bank_file=bank_file)
+    common = dict(task="dasa", model=str(args.model), dtype=args.dtype, k=args.k, threads=args.threads, bank_file=bank_file)
     bank = run_worker(dict(common, kind="bank", n=max(args.pools)), args.threads)
     pools = [run_worker(dict(common, kind="pool", n=n), args.threads) for n in args.pools]
     stages = ("encode_s", "features_s", "score_s", "select_s")
@@ -245,7 +248,7 @@ def dasa_part(args, tmp):
     last = pools[-1]
     estimates = [dict(n=n, **{s: round(last[s] * (n / last["n"]) ** power[s], 1) for s in stages})
                  for n in DEFAULT_POOLS if n > last["n"]]
-    return dict(bank=bank, pools=pools, growth=growth, estimates=estimates)
+    return dict(dtype=bank["dtype"], bank=bank, pools=pools, growth=growth, estimates=estimates)
 
 
 def environment(args):
@@ -284,7 +287,7 @@ def table_lines(res):
     if "dasa" not in res:
         return out
     d, b = res["dasa"], res["dasa"]["bank"]
-    out += ["", "DASA stages on real rows (Gemma 3 270M, float32, CPU): seconds", "",
+    out += ["", f"DASA stages on real rows (Gemma 3 270M, {d.get('dtype', 'float32')}, CPU): seconds", "",
             "| pool rows | repeated rows | tokens | encode | features | coverage_score | dasa_select | peak GiB | extra GiB |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| bank: {b['n']:,} id_train | {b['repeated']:,} | {b['tokens']:,} | {b['encode_s']:.1f} | {b['features_s']:.1f} "
@@ -313,6 +316,7 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--pools", type=sizes, default=list(DEFAULT_POOLS), help="DASA pool rows; empty: skip the part")
     ap.add_argument("--model", type=Path, default=ROOT / "data" / "gemma3_270m")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="model dtype for the DASA part")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP / BLAS threads in every worker")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, JSON job
     args = ap.parse_args()
@@ -327,7 +331,7 @@ def main():
         for p in (args.model, DATA):
             if not p.exists():
                 sys.exit(f"{p} is missing: run its prepare.py first (or pass --pools '' to skip the DASA part)")
-    settings = dict(banks=args.banks, queries=args.queries, dim=args.dim, k=args.k, pools=args.pools,
+    settings = dict(banks=args.banks, queries=args.queries, dim=args.dim, k=args.k, pools=args.pools, dtype=args.dtype,
                     model=os.path.relpath(args.model, ROOT), sklearn_pairs=SKLEARN_PAIRS, tol_float32=TOL32, tol_float16=TOL16)
     res = dict(settings=settings, environment=environment(args))
     with tempfile.TemporaryDirectory() as tmp:
