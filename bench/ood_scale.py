@@ -161,9 +161,9 @@ def dasa_worker(job):
     import darl
     import model as model_lib
     import ood
+    from train import cpu_has_bf16_units
     tok = model_lib.Tokenizer(job["model"])
-    bf16 = job["dtype"] == "bfloat16" or (job["dtype"] == "auto" and any(
-        getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
+    bf16 = job["dtype"] == "bfloat16" or (job["dtype"] == "auto" and cpu_has_bf16_units())
     m = model_lib.Transformer.from_pretrained(job["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     meta = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))
     template = meta.get("prompt", darl.DEFAULT_PROMPT)
@@ -287,7 +287,7 @@ def table_lines(res):
     if "dasa" not in res:
         return out
     d, b = res["dasa"], res["dasa"]["bank"]
-    out += ["", f"DASA stages on real rows (Gemma 3 270M, {d.get('dtype', 'float32')}, CPU): seconds", "",
+    out += ["", f"DASA stages on real rows (Gemma 3 270M, {d['dtype']}, CPU): seconds", "",
             "| pool rows | repeated rows | tokens | encode | features | coverage_score | dasa_select | peak GiB | extra GiB |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| bank: {b['n']:,} id_train | {b['repeated']:,} | {b['tokens']:,} | {b['encode_s']:.1f} | {b['features_s']:.1f} "

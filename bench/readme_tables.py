@@ -27,11 +27,11 @@ def main_run():
     res, log, rep = (RES / "train_cpu" / n for n in ("main_run.jsonl", "main_run_log.txt", "main_run_ood_report.json"))
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     text = log.read_text()
-    head = re.search(r"^\[(\S+)\] (train\.py --stage all.*)$", text, re.M)
+    head = re.search(r"^\[\S+\] (train\.py --stage all.*)$", text, re.M)
     done = re.search(r"done in ([\d.]+) min, peak RSS ([\d.]+) GiB", text)
     report = json.loads(rep.read_text())
     by = {(r["stage"], r["split"]): r for r in rows}
-    out = [f"From `{rel(res)}`, `{rel(log)}`, `{rel(rep)}`: `{head.group(2)}`; **{done.group(1)} min wall, peak RSS {done.group(2)} GiB**.", "",
+    out = [f"From `{rel(res)}`, `{rel(log)}`, `{rel(rep)}`: `{head.group(1)}`; **{done.group(1)} min wall, peak RSS {done.group(2)} GiB**.", "",
            "| stage | ID acc | ID macro-F1 | ID ECE | OOD acc | OOD macro-F1 | OOD ECE | ID-OOD F1 gap |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for stage in sorted({r["stage"] for r in rows}):
