@@ -2,7 +2,8 @@
 
 Path: (query, item) -> `encode_pair` -> `collate` -> `grade_logits` (hidden state at the last real
 token times the C grade rows of the output head) -> `darl_loss` / `expected_grade` / `relevance_metrics`.
-DaRL: Liu et al., "Towards Robust LLM-based Relevance Modeling...", CIKM 2024 (arXiv 2412.12504).
+DaRL: Liu et al., "Boosting LLM-based Relevance Modeling with Distribution-Aware Robust Learning",
+CIKM 2024 (arXiv 2412.12504).
 The paper's abstract names a loss that sharpens fine-grained grades but not its formula; `darl_loss`
 is our choice and documents it. Runtime needs only torch and numpy.
 """
@@ -137,14 +138,12 @@ def darl_loss(logits, labels, ordinal_weight=1.0, calibration_weight=0.1, class_
     Defaults: ordinal_weight=1.0 puts the [0, 1] ordinal term on the scale of cross-entropy at
     start (log 3 = 1.1), so neither term dominates; calibration_weight=0.1 is the smallest value
     Pereyra et al. searched and only taxes near-one-hot outputs. Neither is tuned here: the
-    benchmark compares them. With both weights 0 this is exactly F.cross_entropy.
+    benchmark compares them. With both weights 0 and no class_weight this is F.cross_entropy.
     class_weight (C,): each row's loss times the weight of its grade, then the plain mean (not
     divided by the sum of weights, unlike F.cross_entropy(weight=...), so per-row losses add up the
     same in any split of a batch); balanced weights n / (C n_c) average 1 over the training set.
     """
     logits = logits.float()
-    if class_weight is None and ordinal_weight == 0 and calibration_weight == 0:
-        return F.cross_entropy(logits, labels)
     C = logits.size(1)
     loss = F.cross_entropy(logits, labels, reduction="none")
     p = logits.softmax(-1)
@@ -160,11 +159,14 @@ def darl_loss(logits, labels, ordinal_weight=1.0, calibration_weight=0.1, class_
     return loss.mean()
 
 
-def sft_loss(model, input_ids, attention_mask, answer_ids):
+def sft_loss(model, input_ids, attention_mask, answer_ids, weight=None):
     """The naive baseline: next-token cross-entropy over the full vocabulary at the answer position,
-    i.e. plain supervised fine-tuning on the grade token. Kept only for comparison."""
+    i.e. plain supervised fine-tuning on the grade token. Kept only for comparison. weight (B,):
+    each row's loss times it, then the plain mean, as darl_loss's class_weight, so that the two losses
+    differ only in what they score (the whole vocabulary vs the grade tokens), not in the weighting."""
     h = _last_hidden(model, input_ids, attention_mask)
-    return F.cross_entropy(model.logits(h).float(), answer_ids.to(h.device))
+    loss = F.cross_entropy(model.logits(h).float(), answer_ids.to(h.device), reduction="none")
+    return (loss if weight is None else loss * weight.to(loss.device)).mean()
 
 
 def expected_grade(probs):

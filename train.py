@@ -48,11 +48,13 @@ Choices beyond the issue text, and why:
   budget 200: --stage all took 19.8 min at 2.0 GiB peak RSS on a 2-core AMD EPYC in bf16 (README).
 """
 import argparse
+import collections
 import inspect
 import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -66,7 +68,11 @@ import ood
 from model import Tokenizer, Transformer, add_lora, load_adapter, save_adapter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPLITS = ("id_train", "id_test", "pool", "ood_test")
+SPLITS = ("id_train", "id_dev", "id_test", "pool", "ood_dev", "ood_test")
+OPTIONAL = ("id_dev", "ood_dev")  # without id_dev, one is carved from id_train; without ood_dev, none
+EVAL_SPLITS = ("id_dev", "ood_dev", "id_test", "ood_test")  # dev splits choose settings, test splits only report
+DEV_SEED = 0  # the carved id_dev and the eval subsamples do not change with --seed
+CPU_LIMIT = 1000  # --limit and --eval_limit on CPU when not given: --stage all in ~30 min on 2 cores
 
 
 class DataError(ValueError):
@@ -136,17 +142,56 @@ def subsample(rows, n, seed):
     return [rows[i] for i in keep]
 
 
-def load_data(args, log):
+def carve_dev(rows, seed, share=0.1, cap=1000):
+    """(train, dev): whole query groups, in a seeded order, until `share` of the rows (at most `cap`)
+    are dev. By group, so that no query is in both (a shared query makes dev scores optimistic)."""
+    group = [r.get("group", r["query"]) for r in rows]
+    groups = sorted(set(group))
+    random.Random(seed).shuffle(groups)
+    size, want, chosen, n = collections.Counter(group), min(cap, int(share * len(rows))), set(), 0
+    for g in groups:
+        if n + size[g] <= want:
+            chosen.add(g)
+            n += size[g]
+    return [r for r, g in zip(rows, group) if g not in chosen], [r for r, g in zip(rows, group) if g in chosen]
+
+
+def load_data(args, rt):
+    """The splits, capped: id_train and pool by --limit (seeded by --seed), dev and test splits by
+    --eval_limit with a fixed seed, so that runs with different seeds are scored on the same rows."""
     meta = load_meta(args.data)
     n_grades = len(meta["grades"])
     data = {}
     for split in SPLITS:
         path = os.path.join(args.data, f"{split}.jsonl")
-        rows = load_rows(path, n_grades, need_label=split != "pool")
-        data[split] = subsample(rows, args.limit, args.seed)
-        note = f" (subsampled from {len(rows):,} with seed {args.seed}, --limit {args.limit})" if len(rows) > len(data[split]) else ""
-        log(f"{split}: {len(data[split]):,} rows{note}")
+        if split in OPTIONAL and not os.path.exists(path):
+            continue
+        if not os.path.exists(path):
+            raise DataError(f"{path}: not found (a data folder holds {', '.join(s for s in SPLITS if s not in OPTIONAL)}"
+                            f" .jsonl; {', '.join(OPTIONAL)} are optional)")
+        data[split] = load_rows(path, n_grades, need_label=split != "pool")
+    if "id_dev" not in data:
+        data["id_train"], data["id_dev"] = carve_dev(data["id_train"], DEV_SEED)
+        path = os.path.join(args.out, "id_dev.jsonl")
+        rt.log(f"no id_dev.jsonl in {args.data}: carved {len(data['id_dev']):,} id_train rows (whole queries, "
+            f"seed {DEV_SEED}) as id_dev, written to {path}")
+        if rt.main:
+            write_jsonl(path, data["id_dev"])
+    for split, rows in data.items():
+        limit, seed = (args.limit, args.seed) if split in ("id_train", "pool") else (args.eval_limit, DEV_SEED)
+        data[split] = subsample(rows, limit, seed)
+        note = f" (subsampled from {len(rows):,} with seed {seed})" if len(rows) > len(data[split]) else ""
+        rt.log(f"{split}: {len(data[split]):,} rows{note}")
     return meta, data
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, written to a temporary file first: readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -268,9 +313,10 @@ class Judge:
 
 
 def evaluate(judge, data, stage, args, rt):
-    """Metrics on id_test and ood_test, one results.jsonl line per split."""
+    """Metrics on each split of --eval_on that the data has: one results.jsonl line per split, and the
+    per-row probabilities in OUT/predictions/ (paired bootstrap intervals are computed from them)."""
     results = []
-    for split in ("id_test", "ood_test"):
+    for split in [s for s in args.eval_on if s in data]:
         rows = data[split]
         t0 = time.time()
         probs = judge.predict(rows)
@@ -279,11 +325,23 @@ def evaluate(judge, data, stage, args, rt):
         res = {"stage": stage, "split": split, **m, "eval_seconds": round(time.time() - t0, 1)}
         results.append(res)
         rt.log(f"stage {stage} {split}: n={m['n']} acc={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f} ece={m['ece']:.4f}")
+        if rt.main:
+            save_predictions(os.path.join(args.out, "predictions", f"{re.sub(r'[^0-9A-Za-z]+', '_', stage)}_{split}.npz"),
+                             rows, probs)
     if rt.main:
         with open(os.path.join(args.out, "results.jsonl"), "a", encoding="utf-8") as f:
             for res in results:
                 f.write(json.dumps(res, ensure_ascii=False) + "\n")
     return results
+
+
+def save_predictions(path, rows, probs):
+    """ids, labels, groups (query) and float32 probabilities of one evaluated split, row for row."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, ids=np.array([str(r["id"]) for r in rows]), labels=np.array([r["label"] for r in rows]),
+                 groups=np.array([r.get("group", r["query"]) for r in rows]), probs=probs.float().numpy())
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -373,7 +431,8 @@ def fit(judge, rows, out_dir, lr, epochs, args, rt):
             b = {k: v.to(rt.device) for k, v in darl.collate([examples[i] for i in part], judge.tok.pad_id).items()}
             y = labels[part].to(rt.device)
             if args.loss == "sft":
-                loss = darl.sft_loss(model, b["input_ids"], b["attention_mask"], judge.grade_ids[y])
+                weight = None if class_weight is None else class_weight.to(y.device)[y]
+                loss = darl.sft_loss(model, b["input_ids"], b["attention_mask"], judge.grade_ids[y], weight)
             else:
                 logits = darl.grade_logits(model, b["input_ids"], b["attention_mask"], judge.grade_ids)
                 loss = darl.darl_loss(logits, y, ordinal_weight=args.ordinal_weight,
@@ -440,30 +499,29 @@ def select(judge, data, args, rt):
     by_id = {r["id"]: r for r in pool}
     if not os.path.exists(sel_path):
         judge.load(os.path.join(args.out, "stage1"))
-        t0, done, total, f = time.time(), 0, sum(len(data[s]) for s in SPLITS), {}
-        for split in ("id_train", "pool", "id_test", "ood_test"):  # minutes on a CPU: a line per split
+        splits = [s for s in ("id_train", "pool", "id_dev", "ood_dev") if s in data]
+        t0, done, total, f = time.time(), 0, sum(len(data[s]) for s in splits), {}
+        for split in splits:  # minutes on a CPU: a line per split
             f[split] = judge.features(data[split])
             done += len(f[split])
             rt.log(f"features {split}: {done:,}/{total:,} rows, {time.time() - t0:.0f}s, "
                    f"eta {(time.time() - t0) / done * (total - done) / 60:.1f} min (layer {args.layer}, pooling {args.pooling})")
-        bank, feats, id_f, ood_f = f["id_train"], f["pool"], f["id_test"], f["ood_test"]
-        knn_id, knn_ood = ood.knn_score(bank, id_f, k=args.k), ood.knn_score(bank, ood_f, k=args.k)
-        if args.ood_score == "coverage":
-            scores = ood.coverage_score(bank, feats, k=args.k)
-            test = ood.coverage_score(bank, torch.cat([id_f, ood_f]), k=args.k)
-            test_id, test_ood = test[:len(id_f)], test[len(id_f):]
-        else:
-            scores = ood.knn_score(bank, feats, k=args.k)
-            test_id, test_ood = knn_id, knn_ood
+        bank, feats = f["id_train"], f["pool"]
+        scores = ood.coverage_score(bank, feats, k=args.k) if args.ood_score == "coverage" else \
+            ood.knn_score(bank, feats, k=args.k)
         pick = ood.random_select if args.select == "random" else ood.dasa_select
         idx = pick(scores, args.budget, features=feats, groups=[r["query"] for r in pool],
                    max_per_group=args.max_per_query, seed=args.seed)
         idx = [int(i) for i in idx]
         report = {"ood_score": args.ood_score, "select": args.select, "budget": args.budget, "k": args.k,
                   "max_per_query": args.max_per_query, "layer": args.layer, "pooling": args.pooling,
-                  "pool": len(pool), "selected": len(idx),
-                  "test_auroc": ood.auroc(test_id, test_ood), "test_fpr95": ood.fpr_at_tpr(test_id, test_ood),
-                  "knn_test_auroc": ood.auroc(knn_id, knn_ood)}
+                  "pool": len(pool), "selected": len(idx)}
+        if "ood_dev" in f:  # how well the score tells id_dev from ood_dev (coverage: the two as its pool)
+            id_f, ood_f = f["id_dev"], f["ood_dev"]
+            dev = ood.coverage_score(bank, torch.cat([id_f, ood_f]), k=args.k) if args.ood_score == "coverage" else \
+                ood.knn_score(bank, torch.cat([id_f, ood_f]), k=args.k)
+            report["dev_auroc"] = ood.auroc(dev[:len(id_f)], dev[len(id_f):])
+            report["dev_fpr95"] = ood.fpr_at_tpr(dev[:len(id_f)], dev[len(id_f):])
         domains = [r.get("domain") for r in pool]
         if all(domains):
             names = sorted(set(domains))
@@ -564,14 +622,15 @@ def get_args(argv=None):
     a("--out", default=os.path.join(HERE, "out"))
     a("--seed", type=int, default=0)
     a("--resume", action="store_true", help="skip finished stages, continue a cut one from its checkpoint")
-    a("--limit", type=int, default=None, help="cap every split at N rows (seeded); default: --cpu_limit on CPU, none on GPU; 0: no cap")
-    a("--cpu_limit", type=int, default=1000, help="the --limit used on CPU when none is given (sized for ~30 min)")
+    a("--limit", type=int, default=None, help="cap id_train and pool at N rows (seeded); default 1000 on CPU, none on GPU; 0: no cap")
+    a("--eval_limit", type=int, default=None, help="cap each dev and test split at N rows (fixed seed); default 1000 on CPU, none on GPU; 0: no cap")
+    a("--eval_on", default=",".join(EVAL_SPLITS), help="splits evaluated after each stage (those the data has)")
     a("--budget", type=int, default=None, help="DASA annotation budget in pool rows (default: a fifth of the pool)")
     a("--max_steps", type=int, default=None, help="steps per training stage (default: from --epochs)")
     a("--epochs", type=float, default=4.0, help="stage 1 epochs over id_train")
     a("--dasa_epochs", type=float, default=2.0, help="stage 2 and 3 epochs over their rows")
     a("--loss", default="darl", choices=["darl", "sft"])
-    a("--class_weight", default="balanced", choices=["balanced", "none"], help="darl loss: weight rows by grade")
+    a("--class_weight", default="balanced", choices=["balanced", "none"], help="weight rows by grade (both losses)")
     a("--ordinal_weight", type=float, default=None, help="default: darl_loss's own")
     a("--calibration_weight", type=float, default=None, help="default: darl_loss's own")
     a("--ood_score", default="coverage", choices=["coverage", "knn"])
@@ -603,6 +662,9 @@ def get_args(argv=None):
     a("--input", help="--stage score: JSONL with query and item per line")
     a("--output", help="--stage score: where to write the scored JSONL")
     args = p.parse_args(argv)
+    args.eval_on = args.eval_on.split(",")
+    if bad := set(args.eval_on) - set(EVAL_SPLITS):
+        p.error(f"--eval_on: {sorted(bad)} not among {', '.join(EVAL_SPLITS)}")
     if args.stage == "score" and not (args.adapter and args.input and args.output):
         p.error("--stage score needs --adapter, --input and --output")
     return args
@@ -611,9 +673,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     rt = Runtime(args)
-    if args.limit is None and rt.device == "cpu":
-        args.limit = args.cpu_limit
-    args.limit = args.limit or None  # --limit 0: the full splits, also on CPU
+    for name in ("limit", "eval_limit"):  # CPU default sized for ~30 min; 0: the full splits, also on CPU
+        value = getattr(args, name)
+        setattr(args, name, (CPU_LIMIT if value is None and rt.device == "cpu" else value) or None)
     args.micro_tokens = args.micro_tokens or (512 if rt.device == "cpu" else 8192)
     for fn, names in ((darl.darl_loss, ("ordinal_weight", "calibration_weight")), (ood.extract_features, ("layer", "pooling"))):
         for name in names:  # None on the command line = the library function's own default
@@ -628,7 +690,7 @@ def main(argv=None):
         judge = Judge(args, rt, meta)
         judge.load(args.adapter)
         return score(judge, args, rt)
-    meta, data = load_data(args, rt.log)
+    meta, data = load_data(args, rt)
     if args.budget is None:
         args.budget = len(data["pool"]) // 5
     judge = Judge(args, rt, meta)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "qbqtc2kuake" / "prepare.py"
 SRC = ROOT.parent / "shared" / "data"
-SPLITS = ("id_train", "id_test", "pool", "ood_test")
+SPLITS = ("id_train", "id_dev", "id_test", "pool", "ood_dev", "ood_test")
 FILES = ("meta.json",) + tuple(f"{s}.jsonl" for s in SPLITS)
 
 
@@ -62,15 +62,15 @@ def test_counts_and_accounting(built):
     assert meta["counts"] == n
     domains = Counter(r["domain"] for r in splits["pool"])
     assert domains == {"web": 4500, "medical": 1500} == meta["pool_domains"]
-    assert 14_000 <= n["id_train"] <= 14_600
+    assert 13_000 <= n["id_train"] <= 13_600 and n["id_dev"] == n["ood_dev"] == 1000
     raw = {s["file"]: s["rows"] for s in meta["sources"]}
     assert raw == {"qbqtc/dev.json": 20000, "qbqtc/test_public.json": 5000,
                    "kuake_qtr/KUAKE-QTR_train.json": 24174, "kuake_qtr/KUAKE-QTR_dev.json": 2913}
     gone = {f: sum(reasons.values()) for f, reasons in meta["dropped"].items()}
     # every upstream row is either in a split or counted under a reason
-    assert n["id_train"] + domains["web"] + gone["qbqtc/dev.json"] == 20000
+    assert n["id_train"] + n["id_dev"] + domains["web"] + gone["qbqtc/dev.json"] == 20000
     assert n["id_test"] + gone["qbqtc/test_public.json"] == 5000
-    assert domains["medical"] + gone["kuake_qtr/KUAKE-QTR_train.json"] == 24174
+    assert domains["medical"] + n["ood_dev"] + gone["kuake_qtr/KUAKE-QTR_train.json"] == 24174
     assert n["ood_test"] + gone["kuake_qtr/KUAKE-QTR_dev.json"] == 2913
     assert 1100 <= meta["dropped"]["qbqtc/dev.json"]["pair also in id_test or ood_test"] <= 1200
     assert n["id_test"] >= 4980 and n["ood_test"] >= 2900
@@ -83,14 +83,24 @@ def test_no_leaks(built):
     for k, rows in s.items():  # within a split: no duplicate pair, no empty text
         assert len(pairs[k]) == len(rows), k
         assert all(r["query"] and r["item"] and r["query"] == r["query"].strip() for r in rows), k
-    for seen in ("id_train", "pool"):
+    for seen in ("id_train", "id_dev", "pool", "ood_dev"):
         assert not pairs[seen] & pairs["id_test"] and not pairs[seen] & pairs["ood_test"], seen
         assert not queries[seen] & queries["ood_test"], seen  # OOD test queries are never annotated
     web = {r["query"] for r in s["pool"] if r["domain"] == "web"}
     assert web and not queries["id_train"] & web  # split by query
     assert all(r["group"] == r["query"] for rows in s.values() for r in rows)
-    assert {r["domain"] for r in s["id_train"] + s["id_test"]} == {"web"}
-    assert {r["domain"] for r in s["ood_test"]} == {"medical"}
+    assert {r["domain"] for r in s["id_train"] + s["id_dev"] + s["id_test"]} == {"web"}
+    assert {r["domain"] for r in s["ood_dev"] + s["ood_test"]} == {"medical"}
+
+
+def test_dev_splits_share_no_query_with_any_other_split(built):
+    """Catches a dev split carved by row instead of by query (the same query in dev and train or test
+    would make dev scores optimistic and the choices they make biased)."""
+    _, s, _ = built
+    queries = {k: {r["query"] for r in rows} for k, rows in s.items()}
+    for dev in ("id_dev", "ood_dev"):
+        for other in set(s) - {dev}:
+            assert not queries[dev] & queries[other], (dev, other)
 
 
 def test_ids_labels_and_mapping(built):
@@ -130,20 +140,22 @@ def test_meta(built):
     assert all(type(v) is int for reasons in meta["dropped"].values() for v in reasons.values())
 
 
-def test_bad_input_names_file_line_field(tmp_path):
+def test_edited_upstream_file_is_refused_by_sha256(tmp_path):
+    """Catches prepare.py building the benchmark from bytes other than the pinned upstream file (a
+    different release or an edited copy would silently change every split and count)."""
     src = tmp_path / "src"
-    shutil.copytree(SRC / "kuake_qtr", src / "kuake_qtr")
-    lines = (SRC / "qbqtc" / "dev.json").read_text(encoding="utf-8").splitlines()
+    shutil.copytree(SRC, src)
+    dev = src / "qbqtc" / "dev.json"
+    dev.chmod(0o644)
+    lines = dev.read_text(encoding="utf-8").splitlines()
     row = json.loads(lines[6])
-    del row["title"]
+    row["label"] = "0" if row["label"] != "0" else "1"
     lines[6] = json.dumps(row, ensure_ascii=False)
-    (src / "qbqtc").mkdir()
-    (src / "qbqtc" / "dev.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    shutil.copy(SRC / "qbqtc" / "test_public.json", src / "qbqtc")
+    dev.write_text("\n".join(lines) + "\n", encoding="utf-8")
     p = prepare("--src", src, "--out", tmp_path / "out")
     assert p.returncode != 0
-    assert "qbqtc/dev.json" in p.stderr and "line 7" in p.stderr and "'title'" in p.stderr, p.stderr
-    assert not (tmp_path / "out" / "meta.json").exists()
+    assert f"{dev}: sha256" in p.stderr and "expected 8f1bbc0d" in p.stderr, p.stderr
+    assert not (tmp_path / "out" / "meta.json").exists() and not list((tmp_path / "out").glob("*.jsonl"))
 
 
 def test_download_failure_names_url_and_src(tmp_path):

@@ -19,7 +19,7 @@ import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-FAST = ["--cpu", "--dtype", "float32", "--limit", "120", "--budget", "24", "--max_steps", "4", "--batch_size", "4",
+FAST = ["--cpu", "--dtype", "float32", "--limit", "120", "--eval_limit", "120", "--budget", "24", "--max_steps", "4", "--batch_size", "4",
         "--eval_batch_size", "16", "--max_len", "64", "--k", "5", "--log_every", "1", "--ckpt_every", "2"]
 
 
@@ -48,7 +48,7 @@ def test_all_stages_eval_and_score(tiny_gemma, qbqtc2kuake, tmp_path):
     p = run(["--stage", "all", "--model", tiny_gemma, "--data", qbqtc2kuake, "--out", out, *FAST])
     assert p.returncode == 0, p.stdout + p.stderr
     res = results(out)
-    assert [(r["stage"], r["split"]) for r in res] == [(s, sp) for s in "123" for sp in ("id_test", "ood_test")]
+    assert [(r["stage"], r["split"]) for r in res] == [(s, sp) for s in "123" for sp in train.EVAL_SPLITS]
     for r in res:
         assert r["n"] == 120 and 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and 0 <= r["ece"] <= 1
     for s in (1, 2, 3):
@@ -67,9 +67,9 @@ def test_all_stages_eval_and_score(tiny_gemma, qbqtc2kuake, tmp_path):
     p = run(["--stage", "eval", "--adapter", os.path.join(out, "stage3"), "--model", tiny_gemma,
              "--data", qbqtc2kuake, "--out", out, *FAST])
     assert p.returncode == 0, p.stderr
-    ev = results(out)[-2:]
-    assert [r["split"] for r in ev] == ["id_test", "ood_test"]
-    for r3, re in zip(res[-2:], ev):
+    ev = results(out)[-4:]
+    assert [r["split"] for r in ev] == list(train.EVAL_SPLITS)
+    for r3, re in zip(res[-4:], ev):
         assert abs(r3["macro_f1"] - re["macro_f1"]) < 1e-9 and abs(r3["ece"] - re["ece"]) < 1e-6
 
     # score writes probabilities and an expected grade in [0, 1] for new pairs (no id, no label needed)
@@ -190,7 +190,7 @@ def test_annotation_round_trip(tiny_gemma, qbqtc2kuake, tmp_path):
             f.write(json.dumps({**r, "label": truth[r["id"]]}, ensure_ascii=False) + "\n")
     p = run(["--stage", "2", *args, "--resume"])
     assert p.returncode == 0, p.stderr
-    assert [r["stage"] for r in results(out)] == ["1", "1", "2", "2"]
+    assert [r["stage"] for r in results(out)] == ["1"] * 4 + ["2"] * 4
 
 
 def write_split(d, rows, name="id_train.jsonl"):

@@ -1,7 +1,7 @@
 """
 Build the benchmark qbqtc2kuake: relevance judged on Chinese web search (QBQTC), deployed on a pool
 that secretly mixes in Chinese medical search (KUAKE-QTR). Writes into --out (default: this folder)
-meta.json + id_train.jsonl, id_test.jsonl, pool.jsonl, ood_test.jsonl (schema: see DESIGN.md).
+meta.json + id_train, id_dev, id_test, pool, ood_dev, ood_test .jsonl (schema: README, "Data schema").
 
     python data/qbqtc2kuake/prepare.py --src ../shared/data    # local copies of the upstream files
     python data/qbqtc2kuake/prepare.py                         # downloads them (needs internet)
@@ -9,13 +9,17 @@ meta.json + id_train.jsonl, id_test.jsonl, pool.jsonl, ood_test.jsonl (schema: s
 Recipe (seed 0 everywhere, so the output is byte-identical on every run):
 - QBQTC dev.json (20,000 rows) minus rows whose (query, title) pair is also in a test split
   (QBQTC's published dev and test_public share 1,153 rows after deduplication) or whose query is
-  in ood_test, split BY QUERY: 4,500 rows -> pool (domain "web"), the rest -> id_train. Splitting
-  by query keeps the pool's web part new to the model in the same way the medical part is. Queries
-  (not pairs) shared with test_public stay: id_test is meant to be in distribution.
+  in ood_test, split BY QUERY: 4,500 rows -> pool (domain "web"), 1,000 rows -> id_dev (queries not in
+  id_test either), the rest -> id_train. Splitting by query keeps the pool's web part new to the model
+  in the same way the medical part is. Queries (not pairs) shared with test_public stay in id_train:
+  id_test is meant to be in distribution.
 - id_test = QBQTC test_public.json. ood_test = KUAKE-QTR dev.json.
 - pool = the 4,500 web rows + 1,500 rows drawn from KUAKE-QTR train rows whose query is not in
   ood_test (domain "medical"): a 3:1 mix in which the shift must be found; OOD test queries are never
   annotated. The pool is shuffled so that any prefix of it holds both domains.
+- ood_dev = 1,000 KUAKE-QTR train rows not in the pool, whole queries that are in neither the pool nor
+  ood_test. The dev splits choose every setting (id_dev: ID quality, ood_dev: OOD quality); the test
+  splits only report. Each dev split shares no query with any other split (asserted below).
 - QBQTC's previous release (ranking-style, 791 queries) is left out entirely.
 Grades: QBQTC as published (0 poor, 1 some, 2 very relevant). KUAKE's four levels
 (0 irrelevant, 1 low relevance, 2 partial match, 3 full match) map 0->0, 1->1, 2->1, 3->2 so that one
@@ -26,7 +30,8 @@ stripped (380 KUAKE train titles start with a scraping-artefact space); rows wit
 title are dropped; of exact duplicate (query, title) pairs the first is kept, and a pair published
 with different labels is dropped altogether (no label is trustworthy). ids keep the upstream id,
 prefixed by source ("qbqtc-dev-123", "kuake-train-s1") so they are unique across splits.
-meta.json records the sha256 of every upstream file read (the counts above hold for the pinned commits).
+Every upstream file read must have the sha256 pinned in SOURCES (refused otherwise, before anything is
+written); meta.json records them (the counts above hold for those bytes).
 """
 import argparse
 import hashlib
@@ -38,11 +43,14 @@ from collections import Counter, defaultdict
 
 QBQTC = ("CLUEbenchmark/QBQTC", "37a90b8923ae3b23e55e16ed1e2a6389574d8837")
 CBLUE = ("Sherlock-coder/CBLUE", "8f879e3624b06a184288a8770113da5fddcb61ff")
-SOURCES = {  # local name -> (repo, commit, upstream path)
-    "qbqtc/dev.json": (*QBQTC, "dataset/dev.json"),
-    "qbqtc/test_public.json": (*QBQTC, "dataset/test_public.json"),
-    "kuake_qtr/KUAKE-QTR_train.json": (*CBLUE, "data/KUAKE-QTR/KUAKE-QTR_train.json"),
-    "kuake_qtr/KUAKE-QTR_dev.json": (*CBLUE, "data/KUAKE-QTR/KUAKE-QTR_dev.json"),
+SOURCES = {  # local name -> (repo, commit, upstream path, sha256 of the file at that commit)
+    "qbqtc/dev.json": (*QBQTC, "dataset/dev.json", "8f1bbc0d0aa1cefd9cfd5424d8e3060af81d8adfa15d2b0c6931417831f4e51b"),
+    "qbqtc/test_public.json": (*QBQTC, "dataset/test_public.json",
+                               "e42ffc317c746210accdadd7c40fc391e64c6a517cd5b9c035009076fd54435a"),
+    "kuake_qtr/KUAKE-QTR_train.json": (*CBLUE, "data/KUAKE-QTR/KUAKE-QTR_train.json",
+                                       "e6e7a9f0bd9d01a75eb90904c99ceb4bfed4dec1199632494f26e03ad96225fd"),
+    "kuake_qtr/KUAKE-QTR_dev.json": (*CBLUE, "data/KUAKE-QTR/KUAKE-QTR_dev.json",
+                                     "c698b3a00bbe7ef1e7e5b88c7370c55d6744e57dfbbcd5f705bd458e8f6efba9"),
 }
 GRADES = ["irrelevant", "weak", "strong"]
 LABEL_MAPS = {"qbqtc": {0: 0, 1: 1, 2: 2}, "kuake": {0: 0, 1: 1, 2: 1, 3: 2}}
@@ -50,7 +58,7 @@ LABEL_MAPS = {"qbqtc": {0: 0, 1: 1, 2: 2}, "kuake": {0: 0, 1: 1, 2: 1, 3: 2}}
 # Short on purpose: template tokens are paid on every row of every pass. A one-sentence instruction
 # (37 Gemma tokens) made the template 60% of an average row (60 tokens); this one leaves rows at 38.
 PROMPT = "搜索词：{query}\n标题：{item}\n相关度（0-2）："
-POOL_WEB, POOL_MEDICAL, SEED = 4500, 1500, 0
+POOL_WEB, POOL_MEDICAL, DEV, SEED = 4500, 1500, 1000, 0
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--src", help="folder holding qbqtc/*.json and kuake_qtr/*.json (default: download)")
@@ -60,7 +68,7 @@ os.makedirs(args.out, exist_ok=True)
 
 
 def url(name):
-    repo, commit, path = SOURCES[name]
+    repo, commit, path, _ = SOURCES[name]
     return f"https://raw.githubusercontent.com/{repo}/{commit}/{path}"
 
 
@@ -72,20 +80,27 @@ def write(path, data):
 
 
 def fetch(name):
-    """Bytes of one upstream file: from --src, else downloaded once into <out>/upstream/."""
+    """Bytes of one upstream file: from --src, else downloaded once into <out>/upstream/. Either way
+    its sha256 must be the pinned one: the recipe's counts and splits hold for those bytes only."""
     path = os.path.join(args.src or os.path.join(args.out, "upstream"), name)
-    if not os.path.exists(path):
-        if args.src:
-            raise SystemExit(f"{path}: missing (--src must hold {', '.join(SOURCES)})")
+    if os.path.exists(path):
+        data = open(path, "rb").read()
+    elif args.src:
+        raise SystemExit(f"{path}: missing (--src must hold {', '.join(SOURCES)})")
+    else:
         try:
             data = urllib.request.urlopen(url(name), timeout=60).read()
         except OSError as e:
             raise SystemExit(f"download failed: {url(name)}: {e}\n"
                              f"fetch the files yourself and pass --src DIR (laid out as {', '.join(SOURCES)})")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SOURCES[name][3]:
+        raise SystemExit(f"{path if os.path.exists(path) else url(name)}: sha256 {digest}, expected {SOURCES[name][3]} "
+                         "(the file at the pinned commit); nothing was written")
+    if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write(path, data)
-    data = open(path, "rb").read()
-    sha256[name] = hashlib.sha256(data).hexdigest()
+    sha256[name] = digest
     return data
 
 
@@ -151,15 +166,27 @@ dropped["qbqtc/dev.json"]["pair also in id_test or ood_test"] = n - len(web)
 n = len(web)
 web = [r for r in web if r["query"] not in ood_queries]
 dropped["qbqtc/dev.json"]["query in ood_test"] = n - len(web)
-queries = sorted({r["query"] for r in web})
-random.Random(SEED).shuffle(queries)
-size, pool_queries, n_pool = Counter(r["query"] for r in web), set(), 0
-for q in queries:  # whole queries until exactly POOL_WEB rows (most queries have one row, so it fills)
-    if n_pool + size[q] <= POOL_WEB:
-        pool_queries.add(q)
-        n_pool += size[q]
-assert n_pool == POOL_WEB, n_pool
-id_train = [r for r in web if r["query"] not in pool_queries]
+
+
+def whole_queries(rows, n, seed, exclude=()):
+    """Queries of `rows`, in a seeded order, taken whole until exactly n rows (queries in `exclude`
+    are never taken). Exact because most queries have one or a few rows."""
+    queries = sorted({r["query"] for r in rows} - set(exclude))
+    random.Random(seed).shuffle(queries)
+    size, taken, count = Counter(r["query"] for r in rows), set(), 0
+    for q in queries:
+        if count + size[q] <= n:
+            taken.add(q)
+            count += size[q]
+    assert count == n, (count, n)
+    return taken
+
+
+pool_queries = whole_queries(web, POOL_WEB, SEED)
+id_dev_queries = whole_queries([r for r in web if r["query"] not in pool_queries], DEV, SEED,
+                               exclude={r["query"] for r in id_test})  # no query shared with id_test
+id_train = [r for r in web if r["query"] not in pool_queries | id_dev_queries]
+id_dev = [r for r in web if r["query"] in id_dev_queries]
 pool_web = [r for r in web if r["query"] in pool_queries]
 
 # KUAKE train rows whose query is not an OOD test query; POOL_MEDICAL of them drawn at random.
@@ -167,15 +194,26 @@ n = len(medical)
 medical = [r for r in medical if r["query"] not in ood_queries]
 dropped["kuake_qtr/KUAKE-QTR_train.json"]["query in ood_test"] = n - len(medical)
 drawn = sorted(random.Random(SEED).sample(range(len(medical)), POOL_MEDICAL))
-dropped["kuake_qtr/KUAKE-QTR_train.json"]["not drawn into the pool"] = len(medical) - POOL_MEDICAL
-pool = pool_web + [medical[i] for i in drawn]
+pool_medical = [medical[i] for i in drawn]
+pool = pool_web + pool_medical
 random.Random(SEED).shuffle(pool)
 
-splits = {"id_train": id_train, "id_test": id_test, "pool": pool, "ood_test": ood_test}
+# ood_dev: KUAKE train rows never drawn into the pool, whole queries that are in neither the pool nor ood_test.
+pool_medical_queries = {r["query"] for r in pool_medical}
+rest = [r for r in medical if r["query"] not in pool_medical_queries]
+ood_dev_queries = whole_queries(rest, DEV, SEED)
+ood_dev = [r for r in rest if r["query"] in ood_dev_queries]
+dropped["kuake_qtr/KUAKE-QTR_train.json"]["in neither the pool nor ood_dev"] = len(medical) - POOL_MEDICAL - DEV
+
+splits = {"id_train": id_train, "id_dev": id_dev, "id_test": id_test, "pool": pool, "ood_dev": ood_dev,
+          "ood_test": ood_test}
 ids = [r["id"] for rows in splits.values() for r in rows]
 assert len(ids) == len(set(ids)), "ids are not unique across splits"
-seen_pairs = {(r["query"], r["item"]) for r in id_train + pool}
-assert len(seen_pairs) == len(id_train) + len(pool) and not seen_pairs & test_pairs
+seen_pairs = {(r["query"], r["item"]) for r in id_train + id_dev + pool + ood_dev}
+assert len(seen_pairs) == len(id_train) + len(id_dev) + len(pool) + len(ood_dev) and not seen_pairs & test_pairs
+for dev in ("id_dev", "ood_dev"):  # dev splits share no query with any other split
+    other = {r["query"] for split, rows in splits.items() if split != dev for r in rows}
+    assert not other & {r["query"] for r in splits[dev]}, dev
 for rows in splits.values():
     for r in rows:
         r["group"] = r["query"]  # the unit for per-query caps in selection and for NDCG
@@ -200,7 +238,7 @@ meta = {
                          "match is strong; a partial match, like QBQTC's 'some relevance', is the weak grade"},
     },
     "sources": [{"file": name, "repo": repo, "commit": commit, "path": path, "url": url(name),
-                 "sha256": sha256[name], "rows": raw_rows[name]} for name, (repo, commit, path) in SOURCES.items()],
+                 "sha256": sha256[name], "rows": raw_rows[name]} for name, (repo, commit, path, _) in SOURCES.items()],
     "seed": SEED,
     "counts": counts,
     "pool_domains": dict(Counter(r["domain"] for r in pool)),
