@@ -1,18 +1,23 @@
-"""A pure-PyTorch decoder (Gemma 3, Llama, Qwen2) that loads Hugging Face checkpoints exactly, plus LoRA.
+"""A pure-PyTorch decoder (Gemma 3, Llama, Qwen2, Qwen3) that loads Hugging Face checkpoints exactly, plus LoRA.
 
 Sources (transformers 5.x, read from site-packages): models/gemma3/modeling_gemma3.py and
 configuration_gemma3.py, models/llama/modeling_llama.py, models/qwen2/modeling_qwen2.py,
-models/mistral/modeling_mistral.py, modeling_rope_utils.py (default/linear/llama3 inverse frequencies),
-masking_utils.py (causal, padding and sliding-window masks). LoRA: peft/tuners/lora/layer.py (Hu et al. 2021).
+models/qwen3/modeling_qwen3.py, models/mistral/modeling_mistral.py, modeling_rope_utils.py
+(default/linear/llama3 inverse frequencies), masking_utils.py (causal, padding and sliding-window masks),
+tokenization_utils_tokenizers.py (when a bos is prepended). LoRA: peft/tuners/lora/layer.py (Hu et al. 2021).
 
 Choices, each matching transformers unless said otherwise:
 - Gemma 3 differs from Llama in five places, each marked `gemma`: RMSNorm weights are (1 + w) applied in fp32
   before the cast back; four norms per block (sandwich); q/k RMSNorm; embeddings times sqrt(dim) with the
   normaliser cast to the activation dtype first (so bf16 uses 55.5, not 55.4256); gated GELU-tanh MLP.
-  Attention scale is query_pre_attn_scalar**-0.5 (Llama/Qwen2: head_dim**-0.5, stored the same way).
+  Attention scale is query_pre_attn_scalar**-0.5 (Llama/Qwen: head_dim**-0.5, stored the same way).
+- Qwen3 is Llama plus q/k RMSNorm (Llama-style weight) over head_dim before rope; head_dim comes from the
+  config (default 128, not hidden/heads). Qwen2 is Llama plus q/k/v biases.
+- Multimodal Gemma 3 (model_type gemma3): the decoder from text_config, whose missing fields take
+  Gemma3TextConfig's defaults; tying from the top level; no final soft-capping (Gemma3ForConditionalGeneration).
 - Sliding layers see keys with q - k < sliding_window (masking_utils.sliding_window_overlay) and use the
   local rope base (rope_local_base_freq, 1e4); full layers use rope_theta (1e6) and rope_scaling. Mistral
-  slides on every layer, Qwen2 only with use_sliding_window on layers >= max_window_layers.
+  slides on every layer, Qwen2/Qwen3 only with use_sliding_window on layers >= max_window_layers.
 - Rope cos/sin are computed in fp32 from position ids on every forward (no buffers: loading on the meta
   device then assigning weights leaves nothing to re-initialise), then cast to the activation dtype.
 - Position ids are cumsum(mask) - 1, so right- and left-padded batches get the positions of unpadded runs.
@@ -27,6 +32,7 @@ Choices, each matching transformers unless said otherwise:
   LoRA weights kept in fp32 (PEFT's autocast_adapter_dtype) and the sum cast back to the input dtype.
   Adapter files use the *ForCausalLM key layout ("base_model.model.model." + our name).
 """
+import hashlib
 import json
 import math
 import os
@@ -40,17 +46,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-# Defaults of the transformers config classes, used when a config.json leaves a field out.
+# Defaults of the transformers config classes (models/*/configuration_*.py), merged under a config.json
+# before anything is read: google/gemma-3-4b-it's text_config, for one, leaves out the head counts and head_dim.
 _DEFAULTS = {
-    "gemma3_text": dict(vocab_size=262_208, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
-                        rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=4096, query_pre_attn_scalar=256,
-                        tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh"),
-    "llama": dict(vocab_size=32_000, rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False, hidden_act="silu"),
-    "mistral": dict(vocab_size=32_000, rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False,
-                    hidden_act="silu", sliding_window=4096),
-    "qwen2": dict(vocab_size=151_936, rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False,
-                  hidden_act="silu", max_window_layers=28),
+    "gemma3_text": dict(vocab_size=262_208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=4096,
+                        query_pre_attn_scalar=256, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh"),
+    "llama": dict(vocab_size=32_000, num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=1e4,
+                  tie_word_embeddings=False, hidden_act="silu"),
+    "mistral": dict(vocab_size=32_000, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6,
+                    rope_theta=1e4, tie_word_embeddings=False, hidden_act="silu", sliding_window=4096),
+    "qwen2": dict(vocab_size=151_936, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
+                  rope_theta=1e4, tie_word_embeddings=False, hidden_act="silu", max_window_layers=28),
+    "qwen3": dict(vocab_size=151_936, num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
+                  rope_theta=1e4, tie_word_embeddings=False, hidden_act="silu", max_window_layers=28),
 }
+# Required even after the merge: transformers has defaults for the sizes too, but they are one model's sizes.
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers")
 # Options that change the math and that this file does not implement: key -> the only accepted value.
 _UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "attn_logit_softcapping": None,
                 "use_bidirectional_attention": False, "partial_rotary_factor": 1.0}
@@ -58,7 +70,7 @@ _UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "attn_logit_softcapp
 
 @dataclass
 class ModelArgs:
-    model_type: str  # "gemma3_text" | "llama" (also Mistral) | "qwen2"
+    model_type: str  # "gemma3_text" | "llama" (also Mistral) | "qwen2" | "qwen3"
     vocab_size: int
     dim: int
     n_layers: int
@@ -73,7 +85,8 @@ class ModelArgs:
     layer_types: tuple  # "full" | "sliding", one per layer
     sliding_window: int | None
     query_pre_attn_scalar: float  # attention scale = query_pre_attn_scalar ** -0.5
-    qkv_bias: bool
+    qkv_bias: bool  # Qwen2
+    qk_norm: bool  # RMSNorm over head_dim on q and k before rope: Gemma 3, Qwen3
     tie_embeddings: bool
     act: str  # "silu" | "gelu_pytorch_tanh"
     final_logit_softcapping: float | None
@@ -82,70 +95,84 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Both layouts: Hub (rope_theta, rope_local_base_freq, sliding_window_pattern, rope_scaling) and
         transformers 5 (rope_parameters, per layer type for Gemma 3; layer_types)."""
-        kind = cfg.get("model_type")
+        kind, top = cfg.get("model_type"), cfg
         if kind == "gemma3":  # multimodal checkpoint: the decoder is described by text_config
             cfg, kind = cfg.get("text_config") or {}, "gemma3_text"
         if kind not in _DEFAULTS:
             raise ValueError(f"model_type={kind!r} is not supported (supported: gemma3, {', '.join(_DEFAULTS)})")
-        if missing := [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-                       if k not in cfg]:
-            raise ValueError(f"model_type={kind!r}: missing field(s) {missing}")
         c = {**_DEFAULTS[kind], **cfg}
+        if missing := [k for k in _REQUIRED if k not in c]:
+            raise ValueError(f"model_type={kind!r}: missing field(s) {missing}")
         for key, ok in _UNSUPPORTED.items():
             if c.get(key) not in (None, ok):
                 raise ValueError(f"model_type={kind!r}: {key}={c[key]!r} is not supported")
-        gemma, n = kind == "gemma3_text", c["num_hidden_layers"]
-        n_heads = c["num_attention_heads"]
+        gemma, n_heads = kind == "gemma3_text", c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
         act = c.get("hidden_activation") or c.get("hidden_act")
         if act not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"model_type={kind!r}: activation {act!r} is not supported")
-
-        slides = kind in ("gemma3_text", "mistral") or (kind == "qwen2" and c.get("use_sliding_window"))
-        window = c.get("sliding_window") if slides else None
-        types = c.get("layer_types")
-        if types is None and gemma:
-            pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
-            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-        elif types is None:
-            first_sliding = c["max_window_layers"] if kind == "qwen2" else 0
-            types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(n)]
-        if len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
-            raise ValueError(f"model_type={kind!r}: layer_types={types!r} is not {n} of full/sliding_attention")
-        types = tuple("sliding" if t == "sliding_attention" and window else "full" for t in types)
-
-        rp = c.get("rope_parameters")
-        if rp and "full_attention" in rp:  # transformers 5, Gemma 3: one dict per layer type
-            full, local = dict(rp["full_attention"]), dict(rp.get("sliding_attention") or {})
-        elif rp:  # transformers 5, one dict for all layers
-            full, local = dict(rp), {}
-        else:  # Hub layout
-            full = {**(c.get("rope_scaling") or {}), "rope_theta": c["rope_theta"]}
-            local = {"rope_theta": c.get("rope_local_base_freq", c["rope_theta"])}
-        theta = full.pop("rope_theta", c["rope_theta"])
-        local_theta = local.get("rope_theta", c.get("rope_local_base_freq", theta) if gemma else theta)
-        for params in (full, local):
-            if params.get("partial_rotary_factor", 1.0) != 1.0:
-                raise ValueError(f"model_type={kind!r}: partial_rotary_factor is not supported")
-        rope_type = full.pop("type", None) or full.get("rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"model_type={kind!r}: rope scaling type {rope_type!r} is not supported")
-        if local.get("rope_type", local.get("type", "default")) != "default":
-            raise ValueError(f"model_type={kind!r}: rope scaling on sliding layers is not supported")
-        scaling = None if rope_type == "default" else {**full, "rope_type": rope_type}
-        if rope_type == "llama3":
-            scaling.setdefault("original_max_position_embeddings", c.get("max_position_embeddings"))
-        if scaling and not gemma and "sliding" in types:
-            raise ValueError(f"model_type={kind!r}: rope scaling with sliding-window layers is not supported")
+        types, window = _layer_types(kind, c)
+        theta, local_theta, scaling = _rope(kind, c, types)
+        if top is not cfg:  # Gemma3ForConditionalGeneration: tying from the top level, logits never soft-capped
+            c.update(tie_word_embeddings=top.get("tie_word_embeddings", True), final_logit_softcapping=None)
         return cls(model_type="llama" if kind == "mistral" else kind, vocab_size=c["vocab_size"],
-                   dim=c["hidden_size"], n_layers=n, n_heads=n_heads,
+                   dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
                    n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim,
                    hidden_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"], rope_theta=float(theta),
                    rope_local_theta=float(local_theta), rope_scaling=scaling, layer_types=types,
                    sliding_window=window if "sliding" in types else None,
                    query_pre_attn_scalar=c["query_pre_attn_scalar"] if gemma else head_dim,
-                   qkv_bias=kind == "qwen2", tie_embeddings=bool(c["tie_word_embeddings"]), act=act,
+                   qkv_bias=kind == "qwen2", qk_norm=kind in ("gemma3_text", "qwen3"),
+                   tie_embeddings=bool(c["tie_word_embeddings"]), act=act,
                    final_logit_softcapping=c.get("final_logit_softcapping"))
+
+
+def _layer_types(kind: str, c: dict) -> tuple[tuple, int | None]:
+    """("full"|"sliding" per layer, window). layer_types when given (transformers 5), else each family's rule:
+    Gemma 3 makes every sliding_window_pattern-th layer full (configuration_gemma3.py), Mistral slides everywhere,
+    Qwen2/Qwen3 slide from max_window_layers on and only with use_sliding_window (configuration_qwen2/3.py)."""
+    n = c["num_hidden_layers"]
+    slides = kind in ("gemma3_text", "mistral") or (kind in ("qwen2", "qwen3") and c.get("use_sliding_window"))
+    window = c.get("sliding_window") if slides else None
+    types = c.get("layer_types")
+    if types is None and kind == "gemma3_text":
+        pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    elif types is None:
+        first_sliding = c["max_window_layers"] if kind in ("qwen2", "qwen3") else 0
+        types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"model_type={kind!r}: layer_types={types!r} is not {n} of full/sliding_attention")
+    return tuple("sliding" if t == "sliding_attention" and window else "full" for t in types), window
+
+
+def _rope(kind: str, c: dict, types: tuple) -> tuple[float, float, dict | None]:
+    """(theta of full layers, theta of sliding layers, scaling of full layers or None) from rope_parameters
+    (transformers 5; per layer type for Gemma 3) or the Hub's rope_theta / rope_local_base_freq / rope_scaling."""
+    rp = c.get("rope_parameters")
+    if rp and "full_attention" in rp:
+        full, local = dict(rp["full_attention"]), dict(rp.get("sliding_attention") or {})
+    elif rp:
+        full, local = dict(rp), {}
+    else:
+        full = {**(c.get("rope_scaling") or {}), "rope_theta": c["rope_theta"]}
+        local = {"rope_theta": c.get("rope_local_base_freq", c["rope_theta"])}
+    theta = full.pop("rope_theta", c["rope_theta"])
+    local_theta = local.get("rope_theta", c.get("rope_local_base_freq", theta) if kind == "gemma3_text" else theta)
+    for params in (full, local):
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"model_type={kind!r}: partial_rotary_factor is not supported")
+    rope_type = full.pop("type", None) or full.get("rope_type", "default")
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"model_type={kind!r}: rope scaling type {rope_type!r} is not supported")
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ValueError(f"model_type={kind!r}: rope scaling on sliding layers is not supported")
+    scaling = None if rope_type == "default" else {**full, "rope_type": rope_type}
+    if rope_type == "llama3":
+        scaling.setdefault("original_max_position_embeddings", c.get("max_position_embeddings"))
+    if scaling and kind != "gemma3_text" and "sliding" in types:
+        raise ValueError(f"model_type={kind!r}: rope scaling with sliding-window layers is not supported")
+    return theta, local_theta, scaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -204,17 +231,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.scale = args.query_pre_attn_scalar ** -0.5
-        self.gemma = args.model_type == "gemma3_text"
-        if self.gemma:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, gemma=True)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, gemma=True)
+        self.qk_norm = args.qk_norm
+        if self.qk_norm:  # over head_dim; Gemma 3: (1 + w), Qwen3: w (modeling_qwen3.Qwen3Attention)
+            gemma = args.model_type == "gemma3_text"
+            self.q_norm, self.k_norm = (RMSNorm(args.head_dim, args.norm_eps, gemma) for _ in range(2))
 
     def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.gemma:
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -274,6 +301,7 @@ class Transformer(nn.Module):
         self.args = args
         self.gradient_checkpointing = False
         self.name_or_path = None  # set by from_pretrained; written into adapter_config.json
+        self.config_sha256 = None  # set by from_pretrained: which base model an adapter belongs to
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.model_type == "gemma3_text")
@@ -315,8 +343,9 @@ class Transformer(nn.Module):
         """config.json + model.safetensors (or a sharded model.safetensors.index.json) -> eval-mode model."""
         path = Path(path)
         config_file = path / "config.json"
+        config_bytes = config_file.read_bytes()
         try:
-            args = ModelArgs.from_hf_config(json.loads(config_file.read_text()))
+            args = ModelArgs.from_hf_config(json.loads(config_bytes))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{config_file}: {e}") from e
         index = path / "model.safetensors.index.json"
@@ -337,7 +366,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{path} ({', '.join(files)}): missing weights {missing[:5]} "
                              f"unexpected weights {unexpected[:5]}")
         model.load_state_dict(state, assign=True)
-        model.name_or_path = str(path)
+        model.name_or_path, model.config_sha256 = str(path), hashlib.sha256(config_bytes).hexdigest()
         return model.eval()
 
 
@@ -353,29 +382,47 @@ def _checkpoint_name(key: str) -> str | None:
 
 class Tokenizer:
     """SentencePiece tokenizer.model, or tokenizer.json through the optional `tokenizers` package.
+
     Special ids: the tokenizer model's, overridden by config.json, generation_config.json, then
-    tokenizer_config.json (most specific last); a list of eos ids keeps the first; pad falls back to eos."""
+    tokenizer_config.json (most specific last; there an explicit null removes the token, as Qwen2.5's
+    "bos_token": null does although its config.json names one); a list of eos ids keeps the first; pad falls
+    back to eos. `add_bos`: whether transformers' AutoTokenizer prepends bos to a text, as
+    tokenization_utils_tokenizers.py decides it: add_bos_token (or add_eos_token alone, meaning no bos) in
+    tokenizer_config.json, else tokenizer.json's post_processor, else no; never without a bos token.
+    Dummy prefix (SentencePiece add_dummy_prefix: Llama 2, Mistral v0.1; in tokenizer.json a Metaspace
+    prepend_scheme, a ByteLevel add_prefix_space or a Prepend normalizer): transformers puts one '▁' at the start
+    of the whole text. encode(piece, start=False) tokenizes a piece that continues a text, without it, so a
+    prompt tokenized piece by piece gets the ids of the whole string (same tokenizer where there is no prefix)."""
 
     def __init__(self, path):
         path = Path(path)
         self.sp = self.tk = None
+        spec = json.loads((path / "tokenizer.json").read_text()) if (path / "tokenizer.json").exists() else None
         if (path / "tokenizer.model").exists():
             import sentencepiece
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            # The same model with normalizer_spec.add_dummy_prefix = false: a parser merges a repeated message
+            # field, so ModelProto field 3 (normalizer_spec) holding field 3 = 0 overrides that flag alone.
+            proto = self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00"
+            self._sp_rest = sentencepiece.SentencePieceProcessor(model_proto=proto)
             ids = {name: getattr(self.sp, f"{name}_id")() for name in ("bos", "eos", "pad")}
             ids = {k: (v if v >= 0 else None) for k, v in ids.items()}
-        elif (path / "tokenizer.json").exists():
+        elif spec is not None:
             try:
                 import tokenizers
             except ImportError as e:
                 raise ImportError(f"{path / 'tokenizer.json'} needs the tokenizers package: "
                                   "pip install tokenizers") from e
-            self.tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            self.tk = tokenizers.Tokenizer.from_str(json.dumps(spec))
+            rest = {**spec, "normalizer": _no_prefix(spec.get("normalizer")),
+                    "pre_tokenizer": _no_prefix(spec.get("pre_tokenizer"))}
+            self._tk_rest = self.tk if rest == spec else tokenizers.Tokenizer.from_str(json.dumps(rest))
             ids = {"bos": None, "eos": None, "pad": None}
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
-        for file in ("config.json", "generation_config.json", "tokenizer_config.json"):
-            cfg = json.loads((path / file).read_text()) if (path / file).exists() else {}
+        files = ("config.json", "generation_config.json", "tokenizer_config.json")
+        configs = {f: json.loads((path / f).read_text()) if (path / f).exists() else {} for f in files}
+        for file, cfg in configs.items():
             for name in ids:
                 token = cfg.get(f"{name}_token")  # a string, or {"content": string} in older files
                 token = token.get("content") if isinstance(token, dict) else token
@@ -383,8 +430,16 @@ class Tokenizer:
                 value = value[0] if isinstance(value, list) and value else value
                 if isinstance(value, int):
                     ids[name] = value
+                elif file == "tokenizer_config.json" and f"{name}_token" in cfg and token is None:
+                    ids[name] = None
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]
         self.pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
+        flags = {k: v for k, v in configs["tokenizer_config.json"].items() if k in ("add_bos_token", "add_eos_token")}
+        prefix = [] if flags else _template_prefix((spec or {}).get("post_processor"))
+        if prefix not in ([], [self.bos_id]):
+            raise ValueError(f"{path / 'tokenizer.json'}: the post_processor puts ids {prefix} before the text, "
+                             f"not the bos token ({self.bos_id}); not supported")
+        self.add_bos = self.bos_id is not None and bool(flags.get("add_bos_token") if flags else prefix)
 
     def _token_id(self, token: str) -> int | None:
         if self.sp is not None:
@@ -392,8 +447,13 @@ class Tokenizer:
             return i if self.sp.id_to_piece(i) == token else None
         return self.tk.token_to_id(token)
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self.sp.encode(text) if self.sp is not None else self.tk.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, bos: bool = False, start: bool = True) -> list[int]:
+        """Token ids of text (no special tokens unless bos). start=False: text continues a string, so it gets
+        no dummy prefix (see the class docstring)."""
+        if self.sp is not None:
+            ids = (self.sp if start else self._sp_rest).encode(text)
+        else:
+            ids = (self.tk if start else self._tk_rest).encode(text, add_special_tokens=False).ids
         if bos and self.bos_id is None:
             raise ValueError("this tokenizer has no bos token")
         return [self.bos_id] + ids if bos else ids
@@ -401,6 +461,35 @@ class Tokenizer:
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         return self.sp.decode(ids) if self.sp is not None else self.tk.decode(ids, skip_special_tokens=True)
+
+
+def _no_prefix(node):
+    """A tokenizer.json normalizer or pre_tokenizer with its dummy prefix off: Prepend normalizers dropped,
+    Metaspace prepend_scheme "never", add_prefix_space false (Metaspace of older files, ByteLevel)."""
+    if isinstance(node, list):
+        return [n for n in map(_no_prefix, node) if n is not None]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Prepend":
+        return None
+    out = {k: _no_prefix(v) for k, v in node.items()}
+    if out.get("type") in ("Metaspace", "ByteLevel"):
+        out.update({k: v for k, v in (("prepend_scheme", "never"), ("add_prefix_space", False)) if k in out})
+    return out
+
+
+def _template_prefix(post) -> list[int]:
+    """Ids a tokenizer.json post_processor puts before a single text (TemplateProcessing, alone or in a Sequence)."""
+    if not post:
+        return []
+    if post.get("type") == "Sequence":
+        return [i for p in post["processors"] for i in _template_prefix(p)]
+    ids = []
+    for piece in post.get("single", []) if post.get("type") == "TemplateProcessing" else []:
+        if "Sequence" in piece:
+            break
+        ids += post["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
+    return ids
 
 
 class LoRALinear(nn.Module):

@@ -1,10 +1,12 @@
 """model.py against transformers / peft / sentencepiece on tiny random checkpoints built here (CPU, fp32)."""
+import hashlib
 import json
 import sys
 
 import pytest
 import sentencepiece
 import torch
+import torch.nn as nn
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -15,26 +17,50 @@ torch.set_num_threads(2)
 TOL = 1e-4
 LENGTHS = [13, 7, 3]  # right-padded batch of unequal lengths, longer than the sliding window (4)
 
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+             pad_token_id=0)
+# google/gemma-3-4b-it's config.json (Hub, 2025): text_config omits the head counts, head_dim, vocab_size,
+# query_pre_attn_scalar and the rope thetas, which transformers fills from Gemma3TextConfig's defaults.
+GEMMA3_4B = dict(
+    architectures=["Gemma3ForConditionalGeneration"], boi_token_index=255999, eoi_token_index=256000,
+    eos_token_id=[1, 106], image_token_index=262144, initializer_range=0.02, mm_tokens_per_image=256,
+    model_type="gemma3", torch_dtype="bfloat16", transformers_version="4.50.0.dev0",
+    text_config=dict(hidden_size=2560, intermediate_size=10240, model_type="gemma3_text", num_hidden_layers=34,
+                     rope_scaling=dict(factor=8.0, rope_type="linear"), sliding_window=1024),
+    vision_config=dict(hidden_size=1152, image_size=896, intermediate_size=4304, model_type="siglip_vision_model",
+                       num_attention_heads=16, num_hidden_layers=27, patch_size=14, vision_use_head=False))
+# The same keys at tiny sizes: 8 heads of 256 and a 262,208 vocabulary still come from the defaults, 6 layers
+# give one full layer under the default pattern, and the SigLIP tower sees one 2x2-patch image.
+GEMMA3_TINY = {**GEMMA3_4B, "mm_tokens_per_image": 1,
+               "text_config": {**GEMMA3_4B["text_config"], "hidden_size": 32, "intermediate_size": 48,
+                               "num_hidden_layers": 6, "sliding_window": 4},
+               "vision_config": {**GEMMA3_4B["vision_config"], "hidden_size": 16, "image_size": 28,
+                                 "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}}
+
 HF_CONFIGS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        num_key_value_heads=2, tie_word_embeddings=False,
+        SMALL, num_key_value_heads=2, tie_word_embeddings=False,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8))),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
-        num_key_value_heads=1, head_dim=16, sliding_window=4, tie_word_embeddings=False)),
+        SMALL, num_key_value_heads=1, head_dim=16, sliding_window=4, tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
-        num_key_value_heads=2, tie_word_embeddings=True)),
+        SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+    # head_dim 16 != hidden/heads; layers 2-3 slide with a window shorter than the batch
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
+        SMALL, num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=2)),
     "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4, sliding_window_pattern=2,
-        rope_scaling=dict(rope_type="linear", factor=8.0))),
+        SMALL, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+        sliding_window_pattern=2, rope_scaling=dict(rope_type="linear", factor=8.0))),
+    # saved with GEMMA3_TINY's sparse keys as its config.json (checkpoints)
+    "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration, GEMMA3_TINY),
 }
 
 
 def build_hf(family, seed=0):
     """A tiny random HF model whose every parameter (norms included) is perturbed, so no term is trivial."""
-    config_cls, model_cls, extra = HF_CONFIGS[family]
-    config = config_cls(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                        num_attention_heads=4, pad_token_id=0, **extra)
+    config_cls, model_cls, kwargs = HF_CONFIGS[family]
+    config = config_cls(**kwargs)
     config._attn_implementation = "eager"  # the plain softmax reference, independent of SDPA
     torch.manual_seed(seed)
     hf = model_cls(config)
@@ -46,13 +72,44 @@ def build_hf(family, seed=0):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """family -> (HF model, directory written by save_pretrained in safetensors)."""
+    """family -> (HF model, directory written by save_pretrained in safetensors). The multimodal Gemma 3 gets
+    its sparse config.json back, so the defaults must be filled in by us as transformers filled them."""
     out = {}
-    for family in HF_CONFIGS:
+    for family, (_, _, kwargs) in HF_CONFIGS.items():
         hf = build_hf(family)
         path = tmp_path_factory.mktemp(family)
         hf.save_pretrained(path)
+        if family == "gemma3":
+            (path / "config.json").write_text(json.dumps(kwargs))
         out[family] = hf, path
+    return out
+
+
+def implied_args(hf) -> dict:
+    """ModelArgs fields as transformers' modeling code reads them from its defaults-filled config (and, given a
+    model, from its modules): a reading of config.json independent of from_hf_config's."""
+    config = hf.config if isinstance(hf, nn.Module) else hf
+    c = config.get_text_config()
+    window = getattr(c, "sliding_window", None)
+    types = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers  # Mistral: all slide
+    types = tuple("sliding" if t == "sliding_attention" and window else "full" for t in types)
+    full = c.rope_parameters.get("full_attention", c.rope_parameters)
+    local = c.rope_parameters.get("sliding_attention", full)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    out = dict(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+               n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, head_dim=head_dim,
+               hidden_dim=c.intermediate_size, norm_eps=c.rms_norm_eps, rope_theta=full["rope_theta"],
+               rope_local_theta=local["rope_theta"], layer_types=types,
+               rope_scaling=None if full["rope_type"] == "default" else
+               {k: v for k, v in full.items() if k != "rope_theta"},
+               sliding_window=window if "sliding" in types else None, tie_embeddings=config.tie_word_embeddings,
+               query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", head_dim),
+               act=getattr(c, "hidden_activation", None) or c.hidden_act)
+    if isinstance(hf, nn.Module):
+        attn = hf.get_decoder().layers[0].self_attn
+        out.update(qkv_bias=attn.q_proj.bias is not None, qk_norm=hasattr(attn, "q_norm"),
+                   final_logit_softcapping=getattr(hf.config, "final_logit_softcapping", None))
+        assert attn.scaling == out["query_pre_attn_scalar"] ** -0.5
     return out
 
 
@@ -71,8 +128,12 @@ def max_diff_real(a, b, mask):
 def test_matches_transformers(checkpoints, family):
     hf, path = checkpoints[family]
     ours = M.Transformer.from_pretrained(path)
-    assert ours.args.model_type == ("llama" if family == "mistral" else family)
-    assert not ours.training and hasattr(ours, "lm_head") == (not ours.args.tie_embeddings)
+    assert ours.args.model_type == {"mistral": "llama", "gemma3": "gemma3_text"}.get(family, family)
+    assert not ours.training  # LoRA added later follows the base's mode: a training base would drop out
+    # Every field as transformers reads it: a wrong default or key the 13-token batch cannot show (a window
+    # longer than the batch, a theta on layers that are all full, eps below tolerance) fails here.
+    got = {k: v for k, v in vars(ours.args).items() if k != "model_type"}
+    assert got == {**got, **implied_args(hf)}, {k: (got[k], v) for k, v in implied_args(hf).items() if got[k] != v}
     ids, mask = batch()
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, output_hidden_states=True)
@@ -178,6 +239,46 @@ def test_multimodal_gemma3_layout(checkpoints, tmp_path, prefix):
         M.Transformer.from_pretrained(tmp_path)
 
 
+def test_gemma3_4b_sparse_config():
+    """google/gemma-3-4b-it's exact config.json reads as transformers reads it (Gemma3Config fills the text
+    defaults): 8 heads, 4 kv heads of 256, 29 sliding + 5 full layers, linear x8 rope on full layers only, window
+    1024, 262,208 rows, tied. Catches checking required fields before merging the defaults ('missing field(s)
+    num_attention_heads'), and any default of ours that differs from Gemma3TextConfig's."""
+    ours = M.ModelArgs.from_hf_config(GEMMA3_4B)
+    want = implied_args(transformers.Gemma3Config(**GEMMA3_4B))
+    assert {k: getattr(ours, k) for k in want} == want
+    assert (ours.n_heads, ours.n_kv_heads, ours.head_dim, ours.layer_types.count("full")) == (8, 4, 256, 5)
+    assert (ours.rope_theta, ours.rope_local_theta, ours.rope_scaling) == (1e6, 1e4, {"rope_type": "linear",
+                                                                                     "factor": 8.0})
+
+
+def test_multimodal_gemma3_no_final_softcap(checkpoints, tmp_path):
+    """Gemma3ForConditionalGeneration.forward never soft-caps its logits (only Gemma3ForCausalLM does), whatever
+    text_config says: capping at 30 would move these logits by ~0.1 and fail."""
+    _, path = checkpoints["gemma3"]
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text_config"]["final_logit_softcapping"] = 30.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = M.Transformer.from_pretrained(tmp_path)
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        d = max_diff_real(ours.logits(ours(ids, mask)), ref, mask)
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration" and ours.args.final_logit_softcapping is None
+    assert d <= TOL and ref[mask.bool()].abs().max() > 3, d
+
+
+def test_config_sha256(checkpoints):
+    """The base model's identity for adapters: sha256 of the config.json bytes as stored (not of a re-dump,
+    which would change with key order or float spelling)."""
+    _, path = checkpoints["qwen3"]
+    ours = M.Transformer.from_pretrained(path)
+    assert ours.config_sha256 == hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+    assert ours.name_or_path == str(path) and ours.args.model_type == "qwen3"
+
+
 def test_config_layouts_agree():
     """Hub layout (rope_theta, rope_local_base_freq, sliding_window_pattern, rope_scaling) == transformers 5."""
     hub = dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
@@ -215,6 +316,10 @@ def test_config_errors(checkpoints, tmp_path):
         M.ModelArgs.from_hf_config({**base, "model_type": "gemma3_text", "attn_logit_softcapping": 50.0})
     with pytest.raises(ValueError, match="num_hidden_layers"):
         M.ModelArgs.from_hf_config({"model_type": "llama", "hidden_size": 32})
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['intermediate_size'\]"):  # heads have defaults, sizes not
+        M.ModelArgs.from_hf_config({"model_type": "gemma3", "text_config": {"hidden_size": 32, "num_hidden_layers": 2}})
+    with pytest.raises(ValueError, match="attention_bias"):  # Qwen3 with q/k/v/o biases: not implemented
+        M.ModelArgs.from_hf_config({**base, "model_type": "qwen3", "attention_bias": True})
     (tmp_path / "config.json").write_text(json.dumps({**base, "model_type": "bert"}))
     with pytest.raises(ValueError, match="config.json.*bert"):
         M.Transformer.from_pretrained(tmp_path)
@@ -250,7 +355,7 @@ def test_lora_zero_init_and_merge(checkpoints, family):
     assert d <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_adapter_ours_to_peft(checkpoints, family, tmp_path):
     hf, path = checkpoints[family]
     ours = M.add_lora(M.Transformer.from_pretrained(path), rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
@@ -267,7 +372,7 @@ def test_adapter_ours_to_peft(checkpoints, family, tmp_path):
     assert d <= TOL and moved > 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_adapter_peft_to_ours(checkpoints, family, tmp_path):
     _, path = checkpoints[family]
     targets = ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"]
