@@ -386,9 +386,9 @@ class Tokenizer:
     Special ids: the tokenizer model's, overridden by config.json, generation_config.json, then
     tokenizer_config.json (most specific last; there an explicit null removes the token, as Qwen2.5's
     "bos_token": null does although its config.json names one); a list of eos ids keeps the first; pad falls
-    back to eos. `add_bos`: whether transformers' AutoTokenizer prepends bos to a text, as
-    tokenization_utils_tokenizers.py decides it: add_bos_token (or add_eos_token alone, meaning no bos) in
-    tokenizer_config.json, else tokenizer.json's post_processor, else no; never without a bos token.
+    back to eos. `add_bos`: whether transformers' AutoTokenizer prepends bos to a text: with a tokenizer.json,
+    what its post_processor puts first (transformers 5 then drops add_bos_token, tokenization_utils_base.py
+    _from_pretrained), else add_bos_token in tokenizer_config.json (default false); never without a bos token.
     Dummy prefix (SentencePiece add_dummy_prefix: Llama 2, Mistral v0.1; in tokenizer.json a Metaspace
     prepend_scheme, a ByteLevel add_prefix_space or a Prepend normalizer): transformers puts one '▁' at the start
     of the whole text. encode(piece, start=False) tokenizes a piece that continues a text, without it, so a
@@ -434,12 +434,12 @@ class Tokenizer:
                     ids[name] = None
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]
         self.pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
-        flags = {k: v for k, v in configs["tokenizer_config.json"].items() if k in ("add_bos_token", "add_eos_token")}
-        prefix = [] if flags else _template_prefix((spec or {}).get("post_processor"))
+        add_bos_token = configs["tokenizer_config.json"].get("add_bos_token")
+        prefix = _template_prefix(spec.get("post_processor")) if spec else [self.bos_id] * bool(add_bos_token)
         if prefix not in ([], [self.bos_id]):
             raise ValueError(f"{path / 'tokenizer.json'}: the post_processor puts ids {prefix} before the text, "
                              f"not the bos token ({self.bos_id}); not supported")
-        self.add_bos = self.bos_id is not None and bool(flags.get("add_bos_token") if flags else prefix)
+        self.add_bos = self.bos_id is not None and bool(prefix)
 
     def _token_id(self, token: str) -> int | None:
         if self.sp is not None:
@@ -449,7 +449,9 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, start: bool = True) -> list[int]:
         """Token ids of text (no special tokens unless bos). start=False: text continues a string, so it gets
-        no dummy prefix (see the class docstring)."""
+        no dummy prefix (see the class docstring). Nor does a text that starts with a space: transformers'
+        Metaspace and ByteLevel add '▁' only where there is none (SentencePiece itself would add a second)."""
+        start = start and not text.startswith(" ")
         if self.sp is not None:
             ids = (self.sp if start else self._sp_rest).encode(text)
         else:

@@ -447,3 +447,26 @@ def test_tokenizer_json(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the package were not installed
     with pytest.raises(ImportError, match="pip install tokenizers"):
         M.Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": False}, {"add_eos_token": True}])
+def test_tokenizer_json_bos_template(tmp_path, flags):
+    """Llama 3's layout: tokenizer.json's TemplateProcessing puts bos first, and with a tokenizer.json transformers 5
+    drops tokenizer_config.json's add_bos_token/add_eos_token. Catches ignoring the template (no bos for Llama 3)
+    or trusting the flags over it; a template that puts another token first is refused, not silently dropped."""
+    import tokenizers
+    from transformers import AutoTokenizer
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<s>": 0, "</s>": 1, "hello": 2, "[UNK]": 3}, "[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<s>", "</s>"])
+    tk.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast", **flags}))
+    tok = M.Tokenizer(tmp_path)
+    assert tok.add_bos and [tok.bos_id] + tok.encode("hello") == AutoTokenizer.from_pretrained(tmp_path)("hello")[
+        "input_ids"] == [0, 2]
+    tk.post_processor = tokenizers.processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"ids \[1\] before the text, not the bos token \(0\)"):
+        M.Tokenizer(tmp_path)

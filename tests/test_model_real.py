@@ -136,17 +136,19 @@ def qwen25(smol, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind,add_bos", [("gemma", True), ("smol", False), ("qwen25", False)])
-def test_bos_as_transformers(request, kind, add_bos):
+@pytest.mark.parametrize("fixture,form,add_bos", [("gemma", None, True), ("smol", None, False), ("qwen25", None, False),
+                                                   ("llama2_style", "model", True), ("llama2_style", "no_flag", False)])
+def test_bos_as_transformers(request, fixture, form, add_bos):
     """([bos] if tok.add_bos) + tok.encode(text) == AutoTokenizer(text)["input_ids"] on 200 real texts, and the
     special ids agree. Catches prepending bos whenever bos_id is set (SmolLM2's tokenizer names <|im_start|> its
-    bos but never prepends it) and taking config.json's bos_token_id over tokenizer_config.json's explicit null
-    (Qwen2.5: transformers has no bos there)."""
-    fixture = request.getfixturevalue(kind)
-    path = fixture if kind == "qwen25" else fixture.path
+    bos but never prepends it; a SentencePiece checkpoint without add_bos_token gets none from transformers 5)
+    and taking config.json's bos_token_id over tokenizer_config.json's explicit null (Qwen2.5)."""
+    path = request.getfixturevalue(fixture)
+    path = path[form] if form else getattr(path, "path", path)
     tok, hf = model.Tokenizer(path), AutoTokenizer.from_pretrained(path)
     assert tok.add_bos == add_bos
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    hf_pad = hf.eos_token_id if hf.pad_token_id is None else hf.pad_token_id  # ours falls back to eos (Llama 2)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf_pad)
     for text in [t for row in real_rows(50) for t in row]:
         assert with_bos(tok, tok.encode(text)) == hf(text)["input_ids"], text
 
@@ -159,8 +161,9 @@ def llama2_style(tmp_path_factory):
     """A SentencePiece BPE trained here in well under a second on 600 real rows, with Llama 2's normalizer
     (add_dummy_prefix, identity rules, whitespace kept, byte fallback, split digits) and Llama 2's
     tokenizer_config.json; the same as the tokenizer.json transformers converts it to (Metaspace,
-    prepend_scheme first); and as Llama 2 / Mistral v0.1 ship tokenizer.json (Prepend('▁') normalizer)."""
-    out = {k: tmp_path_factory.mktemp(k) for k in ("model", "metaspace", "prepend")}
+    prepend_scheme first); and as Llama 2 / Mistral v0.1 ship tokenizer.json (Prepend('▁') normalizer). no_flag:
+    the tokenizer.model alone, tokenizer_config.json without add_bos_token."""
+    out = {k: tmp_path_factory.mktemp(k) for k in ("model", "no_flag", "metaspace", "prepend")}
     lines = [t for row in real_rows(300) for t in row] + LLAMA2_PROMPT.split("\n") * 20
     (out["model"] / "corpus.txt").write_text("\n".join(lines) + "\n")
     sentencepiece.SentencePieceTrainer.train(
@@ -170,6 +173,8 @@ def llama2_style(tmp_path_factory):
     (out["model"] / "tokenizer_config.json").write_text(json.dumps(dict(
         add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token=None, legacy=False, tokenizer_class="LlamaTokenizer")))
+    shutil.copy(out["model"] / "tokenizer.model", out["no_flag"])
+    (out["no_flag"] / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     AutoTokenizer.from_pretrained(out["model"]).save_pretrained(out["metaspace"])
     spec = json.loads((out["metaspace"] / "tokenizer.json").read_text())
     assert spec["pre_tokenizer"]["type"] == "Metaspace" and spec["pre_tokenizer"]["prepend_scheme"] == "first"
