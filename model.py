@@ -486,8 +486,10 @@ def _template_prefix(post) -> list[int]:
         return []
     if post.get("type") == "Sequence":
         return [i for p in post["processors"] for i in _template_prefix(p)]
+    if post.get("type") != "TemplateProcessing":
+        return []
     ids = []
-    for piece in post.get("single", []) if post.get("type") == "TemplateProcessing" else []:
+    for piece in post["single"]:
         if "Sequence" in piece:
             break
         ids += post["special_tokens"][piece["SpecialToken"]["id"]]["ids"]

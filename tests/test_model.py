@@ -316,7 +316,8 @@ def test_config_errors(checkpoints, tmp_path):
         M.ModelArgs.from_hf_config({**base, "model_type": "gemma3_text", "attn_logit_softcapping": 50.0})
     with pytest.raises(ValueError, match="num_hidden_layers"):
         M.ModelArgs.from_hf_config({"model_type": "llama", "hidden_size": 32})
-    with pytest.raises(ValueError, match=r"missing field\(s\) \['intermediate_size'\]"):  # heads have defaults, sizes not
+    # the head counts have defaults (merged first), the sizes do not
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['intermediate_size'\]"):
         M.ModelArgs.from_hf_config({"model_type": "gemma3", "text_config": {"hidden_size": 32, "num_hidden_layers": 2}})
     with pytest.raises(ValueError, match="attention_bias"):  # Qwen3 with q/k/v/o biases: not implemented
         M.ModelArgs.from_hf_config({**base, "model_type": "qwen3", "attention_bias": True})
@@ -357,6 +358,8 @@ def test_lora_zero_init_and_merge(checkpoints, family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_adapter_ours_to_peft(checkpoints, family, tmp_path):
+    """Our adapter files load into peft on the transformers model and give our logits. Catches a key layout peft
+    does not match (silently left at B = 0: hence `moved`), A/B swapped, or a scaling other than alpha/r."""
     hf, path = checkpoints[family]
     ours = M.add_lora(M.Transformer.from_pretrained(path), rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
     perturb_lora(ours)
@@ -374,6 +377,8 @@ def test_adapter_ours_to_peft(checkpoints, family, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_adapter_peft_to_ours(checkpoints, family, tmp_path):
+    """peft's adapter files (dropout > 0, odd alpha/r, a subset of targets) load into ours with peft's logits.
+    Catches reading peft keys wrongly, LoRA on the wrong modules, and unexpected keys accepted silently."""
     _, path = checkpoints[family]
     targets = ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"]
     peft = get_peft_model(build_hf(family), LoraConfig(r=2, lora_alpha=5, lora_dropout=0.1, target_modules=targets,

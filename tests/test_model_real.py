@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model
@@ -90,7 +91,8 @@ def test_logits_match_transformers(request, kind):
 
 
 @pytest.mark.parametrize("kind,n_rows,may_differ,special", [
-    ("gemma", 250, " {32,}", "<b>html</b> <start_of_turn>user\n"), ("smol", 75, None, "<|im_start|>user\nhi<|im_end|>")])
+    ("gemma", 250, " {32,}", "<b>html</b> <start_of_turn>user\n"),
+    ("smol", 75, None, "<|im_start|>user\nhi<|im_end|>")])
 def test_tokenizer_matches_transformers(request, kind, n_rows, may_differ, special):
     """model.Tokenizer == transformers' tokenizer of the same dir (Gemma: GemmaTokenizer from tokenizer.model,
     SmolLM2: GPT2Tokenizer on tokenizer.json), without special tokens, on real rows (query and title encoded
@@ -223,7 +225,7 @@ def test_converted_model_is_a_language_model(gemma):
                                    "city of France."))
     g = torch.Generator().manual_seed(0)
     shuffled = ids[:1] + [ids[1:][i] for i in torch.randperm(len(ids) - 1, generator=g).tolist()]
-    real, rand = (torch.nn.functional.cross_entropy(logits(x)[:-1], torch.tensor(x[1:])).item() for x in (ids, shuffled))
+    real, rand = (F.cross_entropy(logits(x)[:-1], torch.tensor(x[1:])).item() for x in (ids, shuffled))
     print(f"NLL/token: real {real:.2f}, shuffled {rand:.2f}, uniform {math.log(262144):.2f}")
     assert real < 0.4 * math.log(262144)
     assert real < rand - 2.0
