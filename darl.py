@@ -7,11 +7,16 @@ CIKM 2024 (arXiv 2412.12504).
 The paper's abstract names a loss that sharpens fine-grained grades but not its formula; `darl_loss`
 is our choice and documents it. Runtime needs only torch and numpy.
 """
+import json
 import math
+import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 # English default; a benchmark's meta.json may carry its own (our Chinese one does). It ends exactly
 # at the answer position: the grade token follows "Grade:" directly. No trailing space, because with
@@ -49,18 +54,20 @@ def encode_pair(tokenizer, query, item, template=DEFAULT_PROMPT, max_len=128):
     Template pieces, query and item are tokenized separately so the content tokens are known
     exactly and the item can be cut in tokens; the whole string tokenized at once may split a
     slot boundary differently, but training, scoring and feature extraction all use this one
-    function, so they agree. (Tokenizers that prepend a dummy space to every call, such as Llama 2's,
-    would insert spaces at the slots; Gemma, Llama 3 and Qwen2 tokenizers do not.)
+    function, so they agree. Only the first piece starts the string: a tokenizer with a dummy prefix
+    (Llama 2, Mistral v0.1) puts its space there alone, as on the whole string (model.Tokenizer.encode).
     Over max_len the item is cut from its end first, then the query; the template, and so the
     answer position, is never cut.
     """
     head, first, middle, second, tail = _split_template(template)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 has no bos
-    fixed = [tokenizer.encode(t) for t in (head, middle, tail)]
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as transformers' tokenizer does for this checkpoint
+    # only the first piece of the string starts it (gets a dummy prefix where the tokenizer has one)
+    fixed = [tokenizer.encode(head) if head else [], tokenizer.encode(middle, start=False), tokenizer.encode(tail, start=False)]
     n_fixed = len(bos) + sum(len(t) for t in fixed)
     if n_fixed >= max_len:
         raise ValueError(f"prompt template: needs {n_fixed} tokens, leaving none of max_len={max_len}")
-    text = {"query": tokenizer.encode(query), "item": tokenizer.encode(item)}
+    values = {"query": query, "item": item}
+    text = {first: tokenizer.encode(values[first], start=not head), second: tokenizer.encode(values[second], start=False)}
     budget = max_len - n_fixed
     n_item = min(len(text["item"]), max(0, budget - len(text["query"])))
     text["item"] = text["item"][:n_item]
@@ -104,20 +111,60 @@ def collate(examples, pad_id, multiple=PAD_MULTIPLE):
     return dict(input_ids=input_ids, attention_mask=attention_mask, content_mask=content_mask)
 
 
-def _last_hidden(model, input_ids, attention_mask):
-    """Final hidden state at the last real token of each right-padded row (the answer position)."""
+def answer_hidden(model, input_ids, attention_mask):
+    """Final hidden state at the last real token of each right-padded row (the answer position).
+    A left-padded batch is refused: its last real token is not at mask.sum() - 1."""
     hidden = model(input_ids, attention_mask)
     if attention_mask is None:
         return hidden[:, -1]
+    if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+        raise ValueError("attention_mask: rows must be right-padded (1s, then 0s); darl.collate pads that way")
     last = attention_mask.long().sum(1) - 1
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
-def grade_logits(model, input_ids, attention_mask, grade_ids):
+class GradeHead(nn.Module):
+    """A C x D grade classifier on the answer-position hidden state, for linear probing then fine-tuning
+    (LP-FT, Kumar et al., ICLR 2022). Initialised from the grade tokens' output rows, so before training
+    it gives exactly the head-less `grade_logits`; fp32, saved beside the PEFT files (HEAD_FILE)."""
+
+    def __init__(self, weight, softcap=None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.softcap = softcap
+
+    @classmethod
+    def from_model(cls, model, grade_ids):
+        out = model.lm_head.weight if hasattr(model, "lm_head") else model.embed_tokens.weight
+        return cls(out[grade_ids.to(out.device)], model.args.final_logit_softcapping)
+
+    def forward(self, hidden):
+        logits = F.linear(hidden.float(), self.weight)
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+    def save(self, directory):
+        meta = {"softcap": json.dumps(self.softcap)}
+        save_file({"weight": self.weight.detach().cpu().contiguous()}, f"{directory}/{HEAD_FILE}.tmp", metadata=meta)
+        os.replace(f"{directory}/{HEAD_FILE}.tmp", f"{directory}/{HEAD_FILE}")
+
+    @classmethod
+    def load(cls, directory, device="cpu"):
+        """The head saved in `directory`, or None when it has none (an adapter trained without a head)."""
+        path = os.path.join(directory, HEAD_FILE)
+        if not os.path.exists(path):
+            return None
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return cls(f.get_tensor("weight"), json.loads(f.metadata()["softcap"]))
+
+
+HEAD_FILE = "grade_head.safetensors"
+
+
+def grade_logits(model, input_ids, attention_mask, grade_ids, head=None):
     """(B, C) float32 logits of the grade tokens only: C output rows instead of the whole vocabulary
-    (262k rows for Gemma 3), which saves the (B, V) matmul and its memory."""
-    h = _last_hidden(model, input_ids, attention_mask)
-    return model.logits(h, grade_ids.to(h.device)).float()
+    (262k rows for Gemma 3), which saves the (B, V) matmul and its memory; a GradeHead when given."""
+    h = answer_hidden(model, input_ids, attention_mask)
+    return head(h) if head is not None else model.logits(h, grade_ids.to(h.device)).float()
 
 
 def darl_loss(logits, labels, ordinal_weight=1.0, calibration_weight=0.1, class_weight=None):
@@ -164,7 +211,7 @@ def sft_loss(model, input_ids, attention_mask, answer_ids, weight=None):
     i.e. plain supervised fine-tuning on the grade token. Kept only for comparison. weight (B,):
     each row's loss times it, then the plain mean, as darl_loss's class_weight, so that the two losses
     differ only in what they score (the whole vocabulary vs the grade tokens), not in the weighting."""
-    h = _last_hidden(model, input_ids, attention_mask)
+    h = answer_hidden(model, input_ids, attention_mask)
     loss = F.cross_entropy(model.logits(h).float(), answer_ids.to(h.device), reduction="none")
     return (loss if weight is None else loss * weight.to(loss.device)).mean()
 
@@ -188,24 +235,46 @@ def auroc(neg_scores, pos_scores):
     return float((pos_ranks.sum() - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
 
 
-def _ndcg_at_10(scores, labels, queries):
-    """Mean NDCG@10 over queries with >= 2 rows and at least one relevant row (IDCG > 0).
-    Gain 2^label - 1 (Burges et al. 2005), discount log2(rank + 1); ties in the score keep input order."""
-    groups = {}
-    for i, q in enumerate(queries):
-        groups.setdefault(q, []).append(i)
+def _ndcg_per_query(scores, labels, queries):
+    """NDCG@10 of each query (sorted unique order), NaN where undefined: fewer than 2 rows, or no
+    relevant row (IDCG = 0). Gain 2^label - 1 (Burges et al. 2005), discount log2(rank + 1); ties in
+    the score keep input order."""
+    _, inverse = np.unique(np.asarray(queries), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
     values = []
-    for idx in groups.values():
-        if len(idx) < 2:
-            continue
-        idx = np.asarray(idx)
+    for idx in np.split(order, np.cumsum(np.bincount(inverse))[:-1]):
         gain = 2.0 ** labels[idx] - 1
         discount = 1 / np.log2(np.arange(2, min(len(idx), 10) + 2))
         ideal = (np.sort(gain)[::-1][:10] * discount).sum()
-        if ideal > 0:
-            ranked = gain[np.argsort(-scores[idx], kind="stable")][:10]
-            values.append((ranked * discount).sum() / ideal)
-    return (float(np.mean(values)) if values else float("nan")), len(values)
+        ranked = gain[np.argsort(-scores[idx], kind="stable")][:10]
+        values.append((ranked * discount).sum() / ideal if len(idx) >= 2 and ideal > 0 else np.nan)
+    return np.array(values)
+
+
+def _per_grade(pred, y, C):
+    """Confusion [true][pred], and per-grade precision, recall, F1 (0 where undefined) and presence."""
+    confusion = np.bincount(y * C + pred, minlength=C * C).reshape(C, C)
+    tp = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(C), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(C), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(C), where=precision + recall > 0)
+    return confusion, precision, recall, f1, (support + predicted) > 0
+
+
+def _ece(p, y, bins=15):
+    """sum_b |B|/n |acc_b - conf_b| over equal-width bins (lo, hi] of the max probability (Guo et al. 2017)."""
+    conf = p.max(1)
+    b = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    gap = np.bincount(b, weights=(p.argmax(1) == y) - conf, minlength=bins)  # sum of (correct - conf) per bin
+    return float(np.abs(gap).sum() / len(y))
+
+
+METRICS = {  # name -> f(probs (N, C) array, labels (N,)): the row-level statistics of paired_bootstrap
+    "accuracy": lambda p, y: float((p.argmax(1) == y).mean()),
+    "macro_f1": lambda p, y: float(np.mean((parts := _per_grade(p.argmax(1), y, p.shape[1]))[3][parts[4]])),
+    "ece": _ece,
+}
 
 
 def relevance_metrics(probs, labels, queries=None):
@@ -217,39 +286,54 @@ def relevance_metrics(probs, labels, queries=None):
     probability, sum_b |B|/n |acc_b - conf_b| (Guo et al. 2017).
     """
     p = probs.detach().float().cpu().numpy() if torch.is_tensor(probs) else np.asarray(probs, np.float64)
-    y = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-    y = y.astype(np.int64)
+    y = (labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)).astype(np.int64)
     n, C = p.shape
-    pred = p.argmax(1)
-    confusion = np.zeros((C, C), dtype=np.int64)
-    np.add.at(confusion, (y, pred), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    precision = np.divide(tp, predicted, out=np.zeros(C), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(C), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(C), where=precision + recall > 0)
-    present = (support + predicted) > 0
-
-    conf = p.max(1)
-    bins = np.clip(np.ceil(conf * 15).astype(np.int64) - 1, 0, 14)
-    correct = (pred == y).astype(np.float64)
-    ece = 0.0
-    for b in range(15):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-
+    confusion, precision, recall, f1, present = _per_grade(p.argmax(1), y, C)
     score = expected_grade(p)
     out = dict(
         n=int(n),
-        accuracy=float(correct.mean()),
+        accuracy=METRICS["accuracy"](p, y),
         macro_f1=float(f1[present].mean()),
         per_grade=[dict(precision=float(precision[c]), recall=float(recall[c]), f1=float(f1[c]),
-                        support=int(support[c])) for c in range(C)],
+                        support=int(confusion[c].sum())) for c in range(C)],
         confusion=confusion.tolist(),
-        ece=float(ece),
+        ece=_ece(p, y),
         auroc=auroc(score[y == 0], score[y > 0]),
     )
     if queries is not None and len(set(queries)) < len(queries):
-        out["ndcg@10"], out["ndcg_queries"] = _ndcg_at_10(score, y, list(queries))
+        per_query = _ndcg_per_query(score, y, queries)
+        defined = per_query[~np.isnan(per_query)]
+        out["ndcg@10"], out["ndcg_queries"] = (float(defined.mean()) if len(defined) else float("nan")), len(defined)
     return out
+
+
+def paired_bootstrap(a, b, labels, metric="macro_f1", groups=None, n_boot=1000, seed=0, level=0.95):
+    """Paired bootstrap interval of metric(a) - metric(b) on the same test rows, pooled over seeds.
+
+    a, b: one (N, C) probability array per seed (a[s] and b[s] share the seed: paired), labels (N,).
+    Each of n_boot resamples draws the test units with replacement (rows; queries for "ndcg@10", whose
+    per-query values are computed once, `groups` giving each row's query) and, second level, the seeds
+    with replacement, and takes the mean over the drawn seeds of metric(a_s) - metric(b_s) on the drawn
+    units (one draw of units for all seeds: every seed was scored on the same test set). Resampling the seeds too puts the training noise (seed to seed) into the interval, not only
+    the test-set noise (Davison & Hinkley 1997, sec. 3.8, two-stage resampling).
+    Returns {delta (all rows, all seeds), lo, hi, n_boot}.
+    """
+    y = np.asarray(labels)
+    if metric == "ndcg@10":
+        if groups is None:
+            raise ValueError("ndcg@10 needs groups (each row's query): the query is its resampling unit")
+        per_query = [[_ndcg_per_query(expected_grade(np.asarray(p, np.float64)), y, groups) for p in side] for side in (a, b)]
+        stat = lambda s, idx: np.nanmean(per_query[0][s][idx]) - np.nanmean(per_query[1][s][idx])  # noqa: E731
+        n_units = len(per_query[0][0])
+    else:
+        a, b, fn = [np.asarray(p, np.float64) for p in a], [np.asarray(p, np.float64) for p in b], METRICS[metric]
+        stat = lambda s, idx: fn(a[s][idx], y[idx]) - fn(b[s][idx], y[idx])  # noqa: E731
+        n_units = len(y)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):  # one draw of the test units, shared by the drawn seeds: they all saw the same test set
+        idx, seeds = rng.integers(n_units, size=n_units), rng.integers(len(a), size=len(a))
+        draws.append(np.mean([stat(s, idx) for s in seeds]))
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    delta = np.mean([stat(s, np.arange(n_units)) for s in range(len(a))])
+    return {"delta": float(delta), "lo": float(lo), "hi": float(hi), "n_boot": n_boot}

@@ -1,40 +1,16 @@
 """DASA: find the pool samples the training set covers worst, select some, get them labelled.
 
 Path: pool -> `extract_features` (layer, pooling) -> a score against the training bank (higher =
-less covered) -> `dasa_select` -> `write_annotation_file` -> annotators -> `read_annotations`.
+less covered; `pool_scores` names them) -> `dasa_select` -> annotation (dataset.py) -> stage 2.
 DaRL's DASA module (Liu et al., CIKM 2024) uses OOD detection to pick samples "not well covered by
-the original training set"; the abstract names no detector, so several are here and the benchmark
-(bench/ood_features.py) picks the defaults.
-
-Defaults, measured by bench/ood_features.py (full table: bench/results/ood_features.json) on
-qbqtc2kuake with the base Gemma 3 270M and the benchmark's prompt; bank = 3000 id_train rows, k=10.
-AUROC/FPR95: 1000 id_test vs 1000 ood_test (coverage: those 2000 as the pool). Pool: 1500 web +
-500 medical rows; P@500 = medical share of dasa_select's 500 picks (one per query), random 0.25.
-
-| features        | knn AUROC/FPR95 | maha AUROC | coverage AUROC/FPR95 | pool knn AUROC/P@500 | pool coverage AUROC/P@500 |
-|-----------------|-----------------|------------|----------------------|----------------------|---------------------------|
-| layer 6, last   | 0.90 / 0.30     | 0.90       | 0.97 / 0.14          | 0.90 / 0.62          | 0.95 / 0.76               |
-| layer 10, last  | 0.93 / 0.21     | 0.92       | 0.98 / 0.07          | 0.92 / 0.68          | 0.97 / 0.84               |
-| layer 14, last  | 0.72 / 0.54     | 0.83       | 0.99 / 0.06          | 0.71 / 0.34          | 0.99 / 0.89               |
-| final, last     | 0.89 / 0.21     | 0.89       | 0.99 / 0.03          | 0.88 / 0.61          | 0.99 / 0.90               |
-| layer 9, mean   | 0.68 / 0.74     | 0.80       | 0.97 / 0.14          | 0.68 / 0.36          | 0.92 / 0.71               |
-| final, mean     | 0.63 / 0.73     | 0.75       | 0.97 / 0.09          | 0.61 / 0.26          | 0.94 / 0.77               |
-| TF-IDF char 1-3 | 0.66 / 0.84     | -          | 0.97 / 0.07          | 0.67 / 0.38          | 0.96 / 0.81               |
-
-'last' (the last item token, the prompt being query then item) beats 'mean' at every layer for
-knn, Mahalanobis and pool P@500 (coverage AUROC on the 1:1 mix is 0.92-0.99 for both). Centring on the bank mean before
-normalising did not help (in the JSON). Grade logits of the base model: energy 0.81, MSP 0.36.
-Default: final layer, 'last' pooling; with coverage_score it is the best or tied on every column
-(AUROC 0.99, FPR95 0.03, P@500 0.90) and it is among the best for knn and Mahalanobis too. Layer 14
-is the cheaper choice (14/18 of the forward, P@500 0.89); layer 10 is best for plain knn_score.
-These are base-model numbers: after fine-tuning the final layer may change most.
+the original training set"; a secondary summary of the paper names Mahalanobis distance and nearest
+neighbours. Both are here (`mahalanobis_score`, `knn_score`, and their rank mean), with our own
+`coverage_score`; bench/ood_features.py compares them on the dev splits (table in the README).
 """
-import json
-
 import numpy as np
 import torch
 
-from darl import auroc, collate
+from darl import auroc, collate  # noqa: F401 (auroc: ood.auroc(id_scores, ood_scores), ID negative)
 
 DEFAULT_LAYER = None  # None = final layer (after the final norm); k = residual stream after block k
 DEFAULT_POOLING = "last"
@@ -143,6 +119,31 @@ def mahalanobis_score(bank, bank_labels, queries, shrinkage=0.1):
     return dist.min(0).values.float()
 
 
+def rank_mean(*scores):
+    """Mean of each score's rank in [0, 1] over the same rows: combines scores on different scales
+    (Mahalanobis distances and kNN distances) without a weight to tune."""
+    ranks = [torch.as_tensor(s).double().argsort().argsort().double() / max(1, len(s) - 1) for s in scores]
+    return torch.stack(ranks).mean(0).float()
+
+
+def pool_scores(name, bank, pool, k=10, bank_labels=None):
+    """The OOD score `name` of each pool row against the training bank; higher = less covered.
+    coverage: ours (density ratio); knn: k-th NN distance; mahalanobis: class-conditional, shared
+    covariance; maha_knn: the rank mean of those two (the detectors the secondary summary names)."""
+    if name == "coverage":
+        return coverage_score(bank, pool, k)
+    if name == "knn":
+        return knn_score(bank, pool, k)
+    if name == "mahalanobis":
+        return mahalanobis_score(bank, bank_labels, pool)
+    if name == "maha_knn":
+        return rank_mean(mahalanobis_score(bank, bank_labels, pool), knn_score(bank, pool, k))
+    raise ValueError(f"unknown OOD score {name!r} (coverage, knn, mahalanobis, maha_knn)")
+
+
+SCORES = ("coverage", "knn", "mahalanobis", "maha_knn")
+
+
 def energy_score(logits, temperature=1.0):
     """Energy -T logsumexp(f/T) of the grade logits (Liu et al., NeurIPS 2020); higher = OOD."""
     return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
@@ -152,8 +153,6 @@ def msp_score(logits):
     """Negative maximum softmax probability (Hendrycks & Gimpel, ICLR 2017); higher = OOD."""
     return -logits.float().softmax(-1).max(-1).values
 
-
-# auroc(id_scores, ood_scores) is darl.auroc with ID as negative and OOD as positive.
 
 
 def fpr_at_tpr(id_scores, ood_scores, tpr=0.95):
@@ -231,41 +230,3 @@ def random_select(scores, budget, features=None, groups=None, skip_top=0.0, min_
     per-group cap; scores, features, skip_top and min_distance are ignored."""
     order = np.random.default_rng(seed).permutation(len(scores))
     return _walk(order, budget, groups, max_per_group)
-
-
-def write_annotation_file(path, rows, scores):
-    """One JSON line per selected row for annotators: id, query, item, score, and an empty label."""
-    with open(path, "w", encoding="utf-8") as f:
-        for row, score in zip(rows, scores, strict=True):
-            rec = dict(id=row["id"], query=row["query"], item=row["item"], score=float(score), label=None)
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def read_annotations(path, ids, n_grades):
-    """{id: label} from a labelled annotation file; every id in `ids` exactly once, labels integers
-    in [0, n_grades). Errors name the file, line and field."""
-    wanted, labels = set(ids), {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: bad JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "id" not in rec:
-                raise ValueError(f"{where}: field 'id' missing")
-            i = rec["id"]
-            if i not in wanted:
-                raise ValueError(f"{where}: field 'id': unknown id {i!r}")
-            if i in labels:
-                raise ValueError(f"{where}: field 'id': id {i!r} appears twice")
-            label = rec.get("label")
-            if type(label) is not int or not 0 <= label < n_grades:
-                raise ValueError(f"{where}: field 'label': {label!r} is not a grade in 0..{n_grades - 1}")
-            labels[i] = label
-    missing = [i for i in ids if i not in labels]
-    if missing:
-        raise ValueError(f"{path}: field 'id': {len(missing)} selected ids have no line, e.g. {missing[:5]}")
-    return labels

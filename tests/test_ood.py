@@ -1,6 +1,5 @@
 """ood.py: OOD metrics, k-NN / coverage / Mahalanobis / logit scores, dasa_select, annotation files,
 feature extraction."""
-import json
 import sys
 from pathlib import Path
 
@@ -190,49 +189,6 @@ def test_dasa_select_group_cap_skip_and_determinism():
     r = ood.random_select(scores, 20, groups=groups, max_per_group=3, seed=7)
     assert r == ood.random_select(scores, 20, groups=groups, max_per_group=3, seed=7)
     assert max(sum(groups[i] == g for i in r) for g in set(groups)) <= 3
-
-
-# ---------------------------------------------------------------- annotation round trip
-
-def _rows(n=4):
-    return [dict(id=f"p{i}", query=f"查询{i}", item=f"标题{i}", label=i % 3) for i in range(n)]
-
-
-def test_annotation_round_trip(tmp_path):
-    rows, path = _rows(), tmp_path / "to_label.jsonl"
-    ood.write_annotation_file(path, rows, [0.5, 2.0, 1.0, 3.0])
-    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-    assert lines[1] == dict(id="p1", query="查询1", item="标题1", score=2.0, label=None)
-    assert "查询" in path.read_text(encoding="utf-8")  # readable for annotators, not \\u escapes
-    for rec, row in zip(lines, rows):
-        rec["label"] = row["label"]
-    done = tmp_path / "labelled.jsonl"
-    done.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines[::-1]) + "\n", encoding="utf-8")
-    assert ood.read_annotations(done, [r["id"] for r in rows], 3) == {r["id"]: r["label"] for r in rows}
-
-
-@pytest.mark.parametrize("line,match", [
-    ('{"id": "p1", "label": 1', r"labelled\.jsonl:2: bad JSON"),
-    ('{"query": "x", "label": 1}', r"labelled\.jsonl:2: field 'id' missing"),
-    ('{"id": "zz", "label": 1}', r"labelled\.jsonl:2: field 'id': unknown id 'zz'"),
-    ('{"id": "p0", "label": 1}', r"labelled\.jsonl:2: field 'id': id 'p0' appears twice"),
-    ('{"id": "p1", "label": 3}', r"labelled\.jsonl:2: field 'label': 3 is not a grade in 0\.\.2"),
-    ('{"id": "p1", "label": null}', r"labelled\.jsonl:2: field 'label': None"),
-    ('{"id": "p1", "label": "1"}', r"labelled\.jsonl:2: field 'label': '1'"),
-    ('{"id": "p1", "label": true}', r"labelled\.jsonl:2: field 'label': True"),
-])
-def test_annotation_errors_name_file_line_field(tmp_path, line, match):
-    path = tmp_path / "labelled.jsonl"
-    path.write_text('{"id": "p0", "label": 0}\n' + line + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=match):
-        ood.read_annotations(path, ["p0", "p1"], 3)
-
-
-def test_annotation_missing_id_is_named(tmp_path):
-    path = tmp_path / "labelled.jsonl"
-    path.write_text('{"id": "p0", "label": 0}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"labelled\.jsonl: field 'id': 1 selected ids have no line, e\.g\. \['p1'\]"):
-        ood.read_annotations(path, ["p0", "p1"], 3)
 
 
 # ---------------------------------------------------------------- extract_features (tiny random Gemma 3)

@@ -151,7 +151,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_gemma, qbqtc2kuak
     assert p.returncode != 0
     assert "loss is nan at step 2" in p.stderr and "last good checkpoint" in p.stderr
     state = torch.load(os.path.join(out, "stage1", "ckpt.pt"), weights_only=True)
-    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["lora"])
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["weights"])
 
 
 def test_ddp_two_processes_match_one(tiny_gemma, qbqtc2kuake, tmp_path):
@@ -191,49 +191,3 @@ def test_annotation_round_trip(tiny_gemma, qbqtc2kuake, tmp_path):
     p = run(["--stage", "2", *args, "--resume"])
     assert p.returncode == 0, p.stderr
     assert [r["stage"] for r in results(out)] == ["1"] * 4 + ["2"] * 4
-
-
-def write_split(d, rows, name="id_train.jsonl"):
-    (d / name).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-    return str(d / name)
-
-
-@pytest.mark.parametrize("line, message", [
-    ('{"id": 1, "query": "q", "item": "t", "label": 0', "bad JSON"),
-    ('{"id": 1, "item": "t", "label": 0}', "missing field 'query'"),
-    ('{"id": 1, "query": "q", "item": "t"}', "missing field 'label'"),
-    ('{"id": 1, "query": "q", "item": "t", "label": 3}', "field 'label' is 3"),
-    ('{"id": 1, "query": "q", "item": "t", "label": "1"}', "field 'label' is '1'"),
-    ('{"id": 1, "query": " ", "item": "t", "label": 0}', "field 'query' is empty"),
-    ('{"query": "q", "item": "t", "label": 0}', "missing field 'id'"),
-    ('{"id": 0, "query": "q", "item": "t", "label": 0}', "field 'id' 0 repeats line 1"),
-])
-def test_bad_input_names_file_line_and_field(tmp_path, line, message):
-    path = write_split(tmp_path, ['{"id": 0, "query": "q0", "item": "t0", "label": 1}', line])
-    with pytest.raises(train.DataError) as e:
-        train.load_rows(path, n_grades=3)
-    assert f"{path}:2: {message}" in str(e.value)
-
-
-def test_pool_rows_need_an_id_but_no_label(tmp_path):
-    path = write_split(tmp_path, ['{"id": "a", "query": "q", "item": "t"}'], "pool.jsonl")
-    assert train.load_rows(path, 3, need_label=False)[0]["id"] == "a"
-    path = write_split(tmp_path, ['{"query": "q", "item": "t"}'], "pool.jsonl")
-    with pytest.raises(train.DataError, match=r"pool.jsonl:1: missing field 'id'"):
-        train.load_rows(path, 3, need_label=False)
-
-
-def test_bad_meta(tmp_path):
-    (tmp_path / "meta.json").write_text('{"grades": ["only"]}')
-    with pytest.raises(train.DataError, match="meta.json: field 'grades'"):
-        train.load_meta(str(tmp_path))
-    (tmp_path / "meta.json").write_text('{"grades": ["a", "b"], "prompt": "no slots"}')
-    with pytest.raises(train.DataError, match="meta.json: field 'prompt'"):
-        train.load_meta(str(tmp_path))
-
-
-def test_subsample_is_seeded_and_keeps_file_order():
-    rows = list(range(100))
-    a, b = train.subsample(rows, 10, 0), train.subsample(rows, 10, 0)
-    assert a == b == sorted(a) and len(set(a)) == 10 and train.subsample(rows, 10, 1) != a
-    assert train.subsample(rows, None, 0) is rows
