@@ -83,7 +83,7 @@ def grade_token_ids(tokenizer, words):
     """One vocabulary id per grade word; a word that is not exactly one token is an error."""
     ids = []
     for w in words:
-        t = tokenizer.encode(w)
+        t = tokenizer.encode(w, start=False)  # it follows the answer cue: no dummy prefix (Llama 2)
         if len(t) != 1:
             raise ValueError(f"grade word {w!r} is {len(t)} tokens {t} for this tokenizer, must be exactly one")
         ids.append(t[0])
