@@ -63,12 +63,18 @@ def selection_dir(args):
 
 
 def make_selection(judge, data, args, rt):
-    """Score the pool, pick --budget rows, write dasa_selected.jsonl and ood_report.json."""
-    scores, pool_feats, report = score_pool(judge, data, args, rt)
+    """Score the pool (not for --select random: it reads no score), pick --budget rows, write
+    dasa_selected.jsonl and ood_report.json."""
     pool = data["pool"]
-    pick = ood.random_select if args.select == "random" else ood.dasa_select
-    idx = [int(i) for i in pick(scores, args.budget, features=pool_feats, groups=[r["query"] for r in pool],
-                                max_per_group=args.max_per_query, seed=args.seed)]
+    if args.select == "random":
+        scores, report = np.zeros(len(pool)), {"select": "random", "budget": args.budget, "max_per_query": args.max_per_query}
+        idx = ood.random_select(scores, args.budget, groups=[r["query"] for r in pool], max_per_group=args.max_per_query,
+                                seed=args.seed)
+    else:
+        scores, pool_feats, report = score_pool(judge, data, args, rt)
+        idx = ood.dasa_select(scores, args.budget, features=pool_feats, groups=[r["query"] for r in pool],
+                              max_per_group=args.max_per_query, seed=args.seed)
+    idx = [int(i) for i in idx]
     report |= shift_report(pool, scores, idx)
     rt.log("DASA: " + json.dumps(report))
     if rt.main:

@@ -423,7 +423,7 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="skip finished stages, continue a cut one (or a cut --stage score)")
     a("--limit", type=int, default=None, help=f"cap id_train and pool at N rows (seeded); default {CPU_LIMIT} on CPU, none on GPU; 0: no cap")
     a("--eval_limit", type=int, default=None, help=f"cap each dev and test split at N rows (fixed seed); default {CPU_LIMIT} on CPU, none on GPU; 0: no cap")
-    a("--eval_on", default=",".join(EVAL_SPLITS), help="splits scored after each stage (those the data has)")
+    a("--eval_on", default=",".join(EVAL_SPLITS), help="splits scored after each stage (those the data has; '': none)")
     a("--budget", type=int, default=None, help="DASA annotation budget in pool rows (default: a fifth of the pool)")
     a("--max_steps", type=int, default=None, help="steps per training stage (default: from the epochs)")
     a("--epochs", type=float, default=4.0, help="stage 1 (lpft: stage 2) epochs")
@@ -467,7 +467,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.stage == "score" and not (args.adapter and args.input and args.output):
         p.error("--stage score needs --adapter, --input and --output")
-    args.eval_on = args.eval_on.split(",")
+    args.eval_on = [s for s in args.eval_on.split(",") if s]  # "": none
     if bad := sorted(set(args.eval_on) - set(EVAL_SPLITS)):
         p.error(f"--eval_on: {bad} not among {', '.join(EVAL_SPLITS)}")
     args.alphas = [float(x) for x in args.alphas.split(",")]

@@ -1,482 +1,358 @@
-"""Ablation of DaRL's parts on one data folder: the paper-style table, rows 1-8, made by calling train.py.
+"""DaRL's parts, one at a time: the ablation table with paired-bootstrap intervals, made by calling train.py.
 
-    python bench/ablation.py                                  # rows 1-8, CPU size, seeds 0,1 for rows 3-6
-    python bench/ablation.py --full                           # full splits (meant for a GPU)
-    python bench/ablation.py --rows 1,3,6 --seeds 0 -- --max_steps 20   # train.py arguments after --
-    python bench/ablation.py --plan                           # the train.py commands and a time estimate
-    python bench/ablation.py --table-only                     # the table (and plot) again from the JSON files
+    python bench/ablation.py                          # every row, seeds 0,1,2, in PRIORITY order, resumable
+    python bench/ablation.py --rows darl,sft_w --seeds 0
+    python bench/ablation.py --full                   # no row caps (meant for a GPU)
+    python bench/ablation.py --plan                   # what is left, and the commands
+    python bench/ablation.py --table                  # deltas.json and ablation.md again from the files
 
-Rows (train.py's defaults unless said; each row's OUT is WORK/<name>_seed<k>):
-  1 zero-shot             --stage eval                       the base model, no adapter
-  2 stage 1, sft_loss     --stage 1 --loss sft               naive generative fine-tuning
-  3 stage 1, darl_loss    --stage 1
-  4 random, 1 -> 2 -> 3   copy (3)'s stage1/; --stage 2 --select random; --stage 3 --select random
-  5 DASA, 1 -> 2          the stage-2 half of row 6 (same OUT): costs nothing once row 6 ran
-  6 DASA, 1 -> 2 -> 3     copy (3)'s stage1/; --stage 2; --stage 3        (full DaRL)
-  7 DASA, 1 -> 3          copy (3)'s stage1/ and (6)'s stage2/ selection; --stage 3 --stage3_from 1
-  8 DASA knn, 1 -> 2 -> 3 copy (3)'s stage1/; --stage 2 --ood_score knn; --stage 3 --ood_score knn
-Every call also gets --data, --model, --out, --seed k, the size arguments (CPU_ARGS, or FULL_ARGS with
---full; none when the extra arguments set --limit), the extra arguments, and --resume (a cut stage
-continues from its checkpoint). Rows 3-6 run for every seed in --seeds; rows 1, 2, 7, 8 for the first
-seed only. Rows 4-8 need row 3 of their seed, which then runs first.
-
-Outputs: RESULTS/ablation/<name>_seed<k>.json per finished row (metrics, ood_report, settings, stage
-times, commands, git commit); RESULTS/ablation.md, generated from those files only (the table, per-run
-details, settings, commands); RESULTS/ablation_f1.png (ID vs OOD macro-F1 per row) when matplotlib is
-importable. RESULTS defaults to bench/results; WORK (train.py's outputs) to out/ablation.
-
-Choices beyond the issue text, and why:
-- One train.py process per stage: the stage's wall time is measured by itself (table, estimate), and a
-  finished stage is never entered again (a stage whose adapter and results exist is not relaunched, so
-  row 5 after row 6 launches nothing). The price is a model load per stage (seconds).
-- CPU size: --limit 1000 on every split (train.py's CPU default). Rows processed, counting a
-  training row as 3 forward rows, with train.py's defaults at limit L (budget L/5, batch 16): eval 2L,
-  stage 1 14L (4 epochs, eval), stage 2 7.2L (features of 4 splits, 2 epochs over the selection, eval),
-  stage 3 4.4L; the default table is 106.4L, 4.2 stage-all runs (25.6L). One stage-all run at L=1000
-  takes ~15 min on this 2-core machine in bf16, so the table takes ~1 h. The size arguments are passed
-  on every device, so the table does not depend on where it ran. --full passes --limit 0 (no cap).
-- The seed also picks train.py's subsample, so the seed spread includes the choice of rows.
-  Spread = +- half the range over seeds (for two seeds this equals the population std).
-- Row 5 runs for every seed row 6 runs for: it is the stage-2 half of row 6, so it costs nothing.
-- Wall time = the seconds of the train.py runs that made this row's listed stages in its OUT (rows
-  4-8 do not count row 3's stage 1; row 7 does not count row 6's selection; the part of a run cut by
-  SIGKILL is lost). Per OUT they are kept in OUT/bench_stages.json with the train rows and steps
-  parsed from train.py's log lines.
-- Stale results are refused, never mixed: each JSON and OUT/bench_settings.json hold the settings
-  (data, model, train.py arguments); a rerun with other settings stops and names the file.
-- --results DIR (the tests write into a temporary folder) and --plan (see the commands and the
-  estimate before a two-hour run) are beyond the issue's CLI.
-- Seed-major order: a complete one-seed table exists before the second seed starts.
+Each (row, seed) trains in out/ablation/<row>_seed<k> (train.py with the row's arguments, the CPU size and
+--eval_on "": no split is scored while training), then its reported stage is scored
+once by `train.py --stage eval` on the dev splits and the large test sets (TEST_LIMIT rows of id_test,
+all of ood_test). Per finished (row, seed): bench/results/ablation/<row>_seed<k>.json (metrics, DASA
+report, minutes, commands, machine, commit) and preds/<row>_seed<k>_<split>.npz (per-row test
+probabilities), from which deltas.json holds each comparison's paired bootstrap (darl.paired_bootstrap,
+1,000 resamples of test rows and of seeds, over the seeds both rows have) and the verdict it gives.
+Rows that continue another row's stage 1 (or selection) copy it into their own OUT; rows sharing an OUT
+(`out`) cost only their evaluation.
 """
 import argparse
-import datetime
-import filecmp
-import json
-import os
+import hashlib
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import ROOT, machine, machine_line, now, git_commit, read_json, read_jsonl, rel, run_train, write_json  # noqa: E402
+
 CPU_ARGS = ["--limit", "1000"]
-FULL_ARGS = ["--limit", "0"]
-ROWS = {  # stages: what train.py runs in OUT (the last one is reported); args: row-specific train.py arguments
-    1: dict(name="1_zero_shot", run="zero-shot", stages=["eval"], args=[]),
-    2: dict(name="2_sft", run="1 (sft_loss)", stages=["1"], args=["--loss", "sft"]),
-    3: dict(name="3_darl", run="1 (darl_loss)", stages=["1"], args=[]),
-    4: dict(name="4_random", run="1 -> 2 -> 3, random selection", stages=["2", "3"], args=["--select", "random"]),
-    5: dict(name="5_dasa_s2", out="6_dasa", run="1 -> 2, DASA", stages=["2"], args=[]),
-    6: dict(name="6_dasa", run="1 -> 2 -> 3, DASA (DaRL)", stages=["2", "3"], args=[]),
-    7: dict(name="7_dasa_s3", run="1 -> 3, DASA", stages=["3"], args=["--stage3_from", "1"]),
-    8: dict(name="8_knn", run="1 -> 2 -> 3, DASA by knn_score", stages=["2", "3"], args=["--ood_score", "knn"]),
+TEST_LIMIT = 2913  # id_test rows scored (of 4,989), and all 2,913 of ood_test
+LPFT = ["--schedule", "lpft"]
+ROWS = {  # stages: train.py stages run in OUT; report: the stage scored; from: copy that row's stage1/ first
+    "zero_shot": dict(run="zero-shot (base model)", stages=[], report=None, args=[]),
+    "sft_w": dict(run="stage 1, sft_loss (full vocabulary), class-weighted", stages=["1"], report="1", args=["--loss", "sft"]),
+    "ce": dict(run="stage 1, CE over the grade tokens", stages=["1"], report="1",
+               args=["--ordinal_weight", "0", "--calibration_weight", "0", "--class_weight", "none"]),
+    "ce_w": dict(run="+ class weights", stages=["1"], report="1", args=["--ordinal_weight", "0", "--calibration_weight", "0"]),
+    "ce_w_ord": dict(run="+ ordinal term", stages=["1"], report="1", args=["--calibration_weight", "0"]),
+    "darl": dict(run="+ confidence penalty = darl_loss (stage 1)", stages=["1"], report="1", args=[]),
+    "random": dict(run="1 -> 2 -> 3, random rows", stages=["2", "3"], report="3", args=["--select", "random"], src="darl"),
+    "dasa_s2": dict(run="1 -> 2, DASA", stages=["2"], report="2", args=[], src="darl", out="dasa"),
+    "dasa": dict(run="1 -> 2 -> 3, DASA (DaRL, ours)", stages=["2", "3"], report="3", args=[], src="darl"),
+    "dasa_s3": dict(run="1 -> 3, DASA", stages=["3"], report="3", args=["--stage3_from", "1"], src="darl", selection="dasa"),
+    "knn": dict(run="1 -> 2 -> 3, DASA by knn_score", stages=["2", "3"], report="3", args=["--ood_score", "knn"], src="darl"),
+    "maha": dict(run="1 -> 2 -> 3, DASA by Mahalanobis + kNN", stages=["2", "3"], report="3",
+                 args=["--ood_score", "maha_knn"], src="darl"),
+    "lpft_id": dict(run="LP-FT on id_train only", stages=["1", "2", "3"], report="3", args=LPFT + ["--select", "none"]),
+    "lpft_noint": dict(run="LP-FT with DASA rows, alpha = 1", stages=["1", "2"], report="2", args=LPFT, out="lpft"),
+    "lpft": dict(run="LP-FT with DASA rows, interpolated", stages=["1", "2", "3"], report="3", args=LPFT),
+    "ft_only": dict(run="FT with DASA rows, no LP", stages=["1", "2"], report="2", args=LPFT + ["--lp_steps", "0"]),
+    "lpft_maha": dict(run="LP-FT, DASA by Mahalanobis + kNN", stages=["1", "2", "3"], report="3",
+                      args=LPFT + ["--ood_score", "maha_knn"]),
 }
-MULTI_SEED = {3, 4, 5, 6}
-FROM_ROW3 = {4, 5, 6, 7, 8}
-RESERVED = {"--stage", "--out", "--seed", "--resume", "--loss", "--select", "--ood_score", "--stage3_from",
-            "--adapter", "--data", "--model", "--input", "--output"}
-SHARE_OF_STAGE_ALL = {"eval": 2 / 25.6, "1": 14 / 25.6, "2": 7.2 / 25.6, "3": 4.4 / 25.6}  # rows processed, see above
-SPLIT_RE = re.compile(r"\] (id_train|id_test|pool|ood_test): ([\d,]+) rows")
-TRAIN_RE = re.compile(r"\] training ([\d,]+) rows: (\d+) steps of (\d+) rows")
+# Comparisons: (row, reference row, the claim). A verdict follows from the interval of the ID or OOD delta.
+UP, OOD_UP = {"id_test": 1, "ood_test": 1}, {"id_test": None, "ood_test": 1}
+CLAIMS = [  # (row, reference row, what the comparison tests, the claimed sign of the macro-F1 delta per test split)
+    ("darl", "sft_w", "the discriminative loss beats generative fine-tuning (same class weights)", UP),
+    ("ce_w", "sft_w", "scoring only the grade tokens (both class-weighted)", UP),
+    ("ce_w", "ce", "class weights", UP),
+    ("ce_w_ord", "ce_w", "the ordinal term", UP),
+    ("darl", "ce_w_ord", "the confidence penalty", UP),
+    ("dasa", "random", "DASA's rows beat random pool rows", OOD_UP),
+    ("dasa_s2", "darl", "stage 2 on the DASA rows", OOD_UP),
+    ("dasa", "dasa_s2", "stage 3 (replay) after stage 2", UP),
+    ("dasa", "dasa_s3", "stage 2 before stage 3", UP),
+    ("dasa", "knn", "coverage score vs plain kNN", OOD_UP),
+    ("dasa", "maha", "coverage score vs Mahalanobis + kNN (the paper's detectors)", OOD_UP),
+    ("lpft", "dasa", "LP-FT + interpolation vs our three stages", UP),
+    ("lpft", "lpft_id", "DASA rows inside LP-FT", OOD_UP),
+    ("lpft", "lpft_noint", "weight interpolation", UP),
+    ("lpft_noint", "ft_only", "linear probing before fine-tuning", UP),
+    ("lpft", "lpft_maha", "coverage vs Mahalanobis + kNN under LP-FT", OOD_UP),
+]
+PRIORITY = ["darl", "sft_w", "zero_shot", "dasa_s2", "dasa", "random", "lpft_noint", "lpft", "dasa_s3", "knn", "maha",
+            "ce", "ce_w", "ce_w_ord", "lpft_id", "ft_only", "lpft_maha"]
+DEV, TEST = ("id_dev", "ood_dev"), ("id_test", "ood_test")
+RES = ROOT / "bench" / "results" / "ablation"
 
-
-class BenchError(RuntimeError):
-    """A problem the user must fix (stale results, a failed train.py run); the message says how."""
-
-
-# ----------------------------------------------------------------------------- settings and files
 
 def get_args(argv):
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default=",".join(PRIORITY))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--full", action="store_true", help="no row caps (--limit 0): meant for a GPU")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--plan", action="store_true")
+    p.add_argument("--table", action="store_true")
     p.add_argument("--data", default=str(ROOT / "data" / "qbqtc2kuake"))
-    p.add_argument("--model", default=str(ROOT / "data" / "gemma3_270m"))
-    p.add_argument("--out", default=str(ROOT / "out" / "ablation"), help="work dir for train.py's outputs")
-    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where ablation/, .md and .png go")
-    p.add_argument("--seeds", default="0,1", help="seeds for rows 3-6; the other rows use the first")
-    p.add_argument("--rows", default="1,2,3,4,5,6,7,8")
-    p.add_argument("--full", action="store_true", help="full splits instead of the CPU size (CPU_ARGS)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of each train.py run")
-    p.add_argument("--plan", action="store_true", help="print the commands and the estimate, run nothing")
-    p.add_argument("--table-only", action="store_true", help="regenerate the table and plot from the JSON files")
+    p.add_argument("--results", default=str(RES))
+    p.add_argument("--work", default=str(ROOT / "out" / "ablation"))
+    p.add_argument("--train_args", default="", help="extra train.py arguments for every call (tests: a tiny model)")
     args = p.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.rows = sorted({int(r) for r in args.rows.split(",")})
+    args.rows, args.seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
     if bad := [r for r in args.rows if r not in ROWS]:
-        p.error(f"--rows: no row {bad[0]} (rows are 1-8)")
-    if bad := [a for a in extra if a.split("=")[0] in RESERVED]:
-        p.error(f"{bad[0]} after -- is set by the bench itself for each row")
-    size = [] if any(a.split("=")[0] == "--limit" for a in extra) else FULL_ARGS if args.full else CPU_ARGS
-    args.data, args.model = str(Path(args.data).resolve()), str(Path(args.model).resolve())  # train.py runs in ROOT
-    args.config = {"data": rel(args.data), "model": rel(args.model), "train_args": size + extra}
-    args.work, args.res = Path(args.out).resolve(), Path(args.results).resolve()
+        p.error(f"--rows: unknown {bad} (rows: {', '.join(ROWS)})")
+    args.size = ["--limit", "0"] if args.full else CPU_ARGS
+    args.extra = args.train_args.split()
+    args.results, args.work = Path(args.results), Path(args.work)
     return args
 
 
-def rel(path):
-    """A path relative to the repository when inside it, so settings compare across checkouts."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+def out_dir(args, row, seed):
+    return args.work / f"{ROWS[row].get('out', row)}_seed{seed}"
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def train_cmd(args, row, seed, stage):
+    return ["--stage", stage, "--out", rel(out_dir(args, row, seed)), "--seed", str(seed), "--resume", "--data",
+            rel(args.data), "--eval_on", "", *args.size, *ROWS[row]["args"], *args.extra]
 
 
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+def eval_cmd(args, row, seed):
+    out, stage = out_dir(args, row, seed), ROWS[row]["report"]
+    adapter = ["--adapter", rel(out / f"stage{stage}")] if stage else []
+    return ["--stage", "eval", "--out", rel(out), "--seed", str(seed), "--data", rel(args.data), "--eval_limit",
+            str(TEST_LIMIT), "--eval_on", ",".join(DEV + TEST), *adapter, *args.extra]
 
 
-def git_commit():
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def out_dir(args, r, seed):
-    return args.work / f"{ROWS[r].get('out', ROWS[r]['name'])}_seed{seed}"
-
-
-def result_path(args, r, seed):
-    return args.res / "ablation" / f"{ROWS[r]['name']}_seed{seed}.json"
-
-
-def check_settings(path, config):
-    """Stop when a file was made with other settings: mixing them would make a wrong table."""
-    old = read_json(path)
-    old = old.get("config", old)
-    if old != config:
-        raise BenchError(f"{path} was made with other settings ({old} vs now {config}): "
-                         "delete it (or its folder), or choose another --out / --results")
-
-
-def stage_results(out, stage):
-    """id_test and ood_test lines of OUT/results.jsonl for a stage (its own lines, or an eval of its adapter)."""
-    keys = {"eval:zero-shot"} if stage == "eval" else {stage, f"eval:{rel(out / f'stage{stage}')}"}
-    found, path = {}, out / "results.jsonl"
-    if path.exists():
-        for line in open(path, encoding="utf-8"):
-            r = json.loads(line)
-            if r["stage"] in keys:
-                found[r["split"]] = r
-    return found if len(found) == 2 else None
-
-
-def stage_done(out, stage):
-    trained = stage == "eval" or (out / f"stage{stage}" / "adapter_model.safetensors").exists()
-    return trained and stage_results(out, stage) is not None
-
-
-# ----------------------------------------------------------------------------- running rows
-
-def command(args, r, seed, stage, adapter=None):
-    """The train.py command line, as run from the repository root (paths inside it relative)."""
-    out = out_dir(args, r, seed)
-    cmd = ["python", "train.py", "--stage", "eval" if adapter else stage, "--data", rel(args.data),
-           "--model", rel(args.model), "--out", rel(out), "--seed", str(seed), *args.config["train_args"]]
-    if adapter:
-        return cmd + ["--adapter", rel(adapter)]
-    return cmd + ROWS[r]["args"] + ([] if stage == "eval" else ["--resume"])
-
-
-def launch(args, cmd, out, stage):
-    """One train.py run, its output streamed; seconds, train rows/steps and split sizes into OUT/bench_stages.json."""
-    print("$ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    lines, t0 = [], time.time()
-    try:
-        with subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) as p:
-            for line in p.stdout:
-                print("    " + line, end="", flush=True)
-                lines.append(line)
-    finally:  # also on Ctrl-C: the time spent so far belongs to this stage
-        info_path = out / "bench_stages.json"
-        info = read_json(info_path) if info_path.exists() else {"seconds": {}, "train": {}, "splits": {}}
-        info["seconds"][stage] = round(info["seconds"].get(stage, 0) + time.time() - t0, 1)
-        for line in lines:
-            if m := SPLIT_RE.search(line):
-                info["splits"][m[1]] = int(m[2].replace(",", ""))
-            if m := TRAIN_RE.search(line):
-                info["train"][stage] = {"rows": int(m[1].replace(",", "")), "steps": int(m[2]), "batch": int(m[3])}
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(info_path, info)
-    if p.returncode != 0:
-        raise BenchError(f"train.py failed (exit {p.returncode}) in {out}; see {out / 'log.txt'}. "
-                         "Fix the cause and rerun the same bench command: it continues (--resume).")
+def run(args, cmd, out):
+    rc, seconds, _ = run_train(cmd, threads=args.threads)
+    if rc != 0:
+        sys.exit(f"error: train.py failed (exit {rc}) in {out}; see {out / 'log.txt'}; rerun the same command to continue")
+    return seconds
 
 
 def copy_in(src, dst):
-    """Copy a finished directory or file into a row's OUT, atomically (a cut copy is redone)."""
+    """Copy a finished stage dir (or a file) into another OUT, atomically."""
     if dst.exists():
         return
     tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True) if src.is_dir() else tmp.unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
-    os.replace(tmp, dst)
+    tmp.replace(dst)
 
 
-def run_row(args, r, seed):
-    out, row = out_dir(args, r, seed), ROWS[r]
+def prepare(args, row, seed):
+    """Copy in what the row continues from: another row's stage 1, or its selection."""
+    spec, out = ROWS[row], out_dir(args, row, seed)
     out.mkdir(parents=True, exist_ok=True)
-    settings = out / "bench_settings.json"
-    if settings.exists():
-        check_settings(settings, args.config)
-    else:
-        write_json(settings, args.config)
-    reused = []
-    if r in FROM_ROW3:
-        src = out_dir(args, 3, seed) / "stage1"
-        if not (out / "stage1").exists() and not (src / "adapter_model.safetensors").exists():
-            raise BenchError(f"row {r} needs row 3's stage-1 adapter {src}, which is missing (its JSON exists but "
-                             f"its OUT is gone?): delete {result_path(args, 3, seed)} to rerun row 3")
-        copy_in(src, out / "stage1")
-        reused.append(f"stage1/ from {rel(src)}")
-    sel = out_dir(args, 6, seed) / "stage2"
-    if r == 7 and (sel / "dasa_selected.jsonl").exists() and not (out / "stage2" / "dasa_selected.jsonl").exists():
-        check_settings(sel.parent / "bench_settings.json", args.config)
+    if "src" in spec:
+        run_row(args, spec["src"], seed)
+        copy_in(out_dir(args, spec["src"], seed) / "stage1", out / "stage1")
+    if "selection" in spec:
+        run_row(args, spec["selection"], seed)
+        sel = out_dir(args, spec["selection"], seed) / "stage2"
         (out / "stage2").mkdir(exist_ok=True)
         copy_in(sel / "ood_report.json", out / "stage2" / "ood_report.json")
-        copy_in(sel / "dasa_selected.jsonl", out / "stage2" / "dasa_selected.jsonl")  # last: train.py looks for it
-    if r == 7 and (sel / "dasa_selected.jsonl").exists() and filecmp.cmp(sel / "dasa_selected.jsonl",
-                                                                         out / "stage2" / "dasa_selected.jsonl", shallow=False):
-        reused.append(f"stage2/dasa_selected.jsonl and ood_report.json from {rel(sel)}")
-    for stage in row["stages"]:
-        if stage_done(out, stage):
+        copy_in(sel / "dasa_selected.jsonl", out / "stage2" / "dasa_selected.jsonl")
+
+
+def stage_minutes(out):
+    """Minutes of each stage's train.py run, from OUT/bench_minutes.json."""
+    path = out / "bench_minutes.json"
+    return read_json(path) if path.exists() else {}
+
+
+def run_row(args, row, seed):
+    """Train what is missing, evaluate the reported stage, write the row's JSON and test predictions."""
+    path = args.results / f"{row}_seed{seed}.json"
+    if path.exists():
+        return read_json(path)
+    spec, out = ROWS[row], out_dir(args, row, seed)
+    prepare(args, row, seed)
+    minutes = stage_minutes(out)
+    for stage in spec["stages"]:
+        if not (out / f"stage{stage}" / "darl_config.json").exists():
+            minutes[stage] = minutes.get(stage, 0) + run(args, train_cmd(args, row, seed, stage), out) / 60
+            write_json(out / "bench_minutes.json", minutes)
+    minutes["eval"] = run(args, eval_cmd(args, row, seed), out) / 60
+    stage = spec["report"]
+    results = [r for r in read_jsonl(out / "results.jsonl") if r["stage"].startswith("eval:")]
+    metrics = {r["split"]: r for r in results[-len(DEV + TEST):]}
+    preds = export_predictions(args, row, seed, out, f"eval:{rel(out / f'stage{stage}') if stage else 'zero-shot'}")
+    report = out / "stage2" / "ood_report.json" if (out / "stage2" / "ood_report.json").exists() else out / "stage1" / "ood_report.json"
+    interp = [r for r in read_jsonl(out / "results.jsonl") if r["split"] == "interpolation"]
+    record = {"row": row, "run": spec["run"], "seed": seed, "stage": stage, "out": rel(out), "metrics": metrics,
+              "preds": preds, "ood_report": read_json(report) if report.exists() else None,
+              "interpolation": interp[-1] if interp and stage == "3" else None,
+              "minutes": {s: round(m, 2) for s, m in minutes.items() if s in spec["stages"] + ["eval"]},
+              "commands": [" ".join(train_cmd(args, row, seed, s)) for s in spec["stages"]] + [" ".join(eval_cmd(args, row, seed))],
+              "size": args.size, "machine": machine_line(args.machine), "commit": git_commit(), "date": now()}
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return record
+
+
+def export_predictions(args, row, seed, out, stage):
+    """The test splits' per-row probabilities of train.py's evaluation `stage` as float16 with labels and
+    query indices, plus a hash of the row ids (pairs are only formed between files of the same rows)."""
+    (args.results / "preds").mkdir(parents=True, exist_ok=True)
+    tag, files = re.sub(r"[^0-9A-Za-z]+", "_", stage), {}  # as train.evaluate names the file
+    for split in TEST:
+        d = np.load(out / "predictions" / f"{tag}_{split}.npz")
+        _, groups = np.unique(d["groups"], return_inverse=True)
+        name = f"preds/{row}_seed{seed}_{split}.npz"
+        np.savez_compressed(args.results / name, probs=d["probs"].astype(np.float16), labels=d["labels"].astype(np.int8),
+                            groups=groups.astype(np.int32),
+                            ids_sha256=hashlib.sha256("\n".join(d["ids"].tolist()).encode()).hexdigest())
+        files[split] = name
+    return files
+
+
+# ----------------------------------------------------------------------------- intervals and the table
+
+def load_preds(args, record, split):
+    d = np.load(args.results / record["preds"][split])
+    return d["probs"].astype(np.float64), d["labels"].astype(np.int64), d["groups"], str(d["ids_sha256"])
+
+
+def finished(args):
+    """{row: {seed: record}} of the rows with a JSON file."""
+    rows = {}
+    for path in sorted(args.results.glob("*_seed*.json")):
+        record = read_json(path)
+        rows.setdefault(record["row"], {})[record["seed"]] = record
+    return rows
+
+
+def common_seeds(rows, row, ref):
+    """Seeds both rows ran; zero-shot (no training, one run) pairs with every seed of the other row."""
+    if not ROWS[row]["stages"] or not ROWS[ref]["stages"]:
+        return sorted(rows[ref] if not ROWS[row]["stages"] else rows[row])
+    return sorted(set(rows[row]) & set(rows[ref]))
+
+
+def compare(args, rows, row, ref, metric, split):
+    """Paired bootstrap of metric(row) - metric(ref) on split, over the seeds both rows have."""
+    import darl
+    seeds = common_seeds(rows, row, ref)
+    if not seeds:
+        return None
+    pick = lambda r, s: rows[r][s] if ROWS[r]["stages"] else next(iter(rows[r].values()))  # noqa: E731
+    a, b = [load_preds(args, pick(row, s), split) for s in seeds], [load_preds(args, pick(ref, s), split) for s in seeds]
+    if len({x[3] for x in a + b}) != 1:
+        raise SystemExit(f"{row} vs {ref} on {split}: scored on different rows (ids hash differs); rerun with one TEST_LIMIT")
+    ci = darl.paired_bootstrap([x[0] for x in a], [x[0] for x in b], a[0][1], metric=metric, groups=a[0][2], n_boot=1000)
+    return {**ci, "seeds": seeds}
+
+
+def verdict(ci, sign):
+    """For a claimed direction sign (+1: row above ref): 'reproduced' when the 95% interval lies on that
+    side of 0, 'contradicted' when on the other, else 'inconclusive'."""
+    if ci is None or sign is None:
+        return "—" if sign is None else "not run"
+    lo, hi = sorted((ci["lo"] * sign, ci["hi"] * sign))
+    return "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+
+
+def deltas(args, rows):
+    """Every CLAIMS comparison that has results: ID and OOD macro-F1 and ECE deltas with intervals."""
+    out = []
+    for row, ref, claim, expect in CLAIMS:
+        if row not in rows or ref not in rows:
             continue
-        if stage == "eval" or not (out / f"stage{stage}" / "adapter_model.safetensors").exists():
-            launch(args, command(args, r, seed, stage), out, stage)
-        if not stage_done(out, stage):  # trained, but cut before its evaluation was written
-            launch(args, command(args, r, seed, stage, adapter=out / f"stage{stage}"), out, stage)
-    stage = row["stages"][-1]
-    if (res := stage_results(out, stage)) is None:
-        raise BenchError(f"{out / 'results.jsonl'}: no id_test/ood_test lines for stage {stage} after its run")
-    info_path = out / "bench_stages.json"
-    info = read_json(info_path) if info_path.exists() else {"seconds": {}, "train": {}, "splits": {}}
-    report = out / "stage2" / "ood_report.json"
-    write_json(result_path(args, r, seed), {
-        "row": r, "name": row["name"], "run": row["run"], "seed": seed, "stage": stage, "out": rel(out),
-        "id_test": res["id_test"], "ood_test": res["ood_test"],
-        "ood_report": read_json(report) if r in FROM_ROW3 and report.exists() else None,
-        "stage_seconds": {s: info["seconds"].get(s) for s in row["stages"]},
-        "wall_seconds": round(sum(info["seconds"].get(s, 0) for s in row["stages"]), 1),
-        "train": {s: info["train"].get(s) for s in row["stages"] if s != "eval"}, "splits": info["splits"],
-        "reused": reused, "commands": [" ".join(command(args, r, seed, s)) for s in row["stages"]],
-        "config": args.config, "threads": args.threads, "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        entry = {"row": row, "ref": ref, "claim": claim, "expect": expect}
+        for split in TEST:
+            for metric in ("macro_f1", "ece"):
+                entry[f"{split}_{metric}"] = compare(args, rows, row, ref, metric, split)
+            entry[f"{split}_verdict"] = verdict(entry[f"{split}_macro_f1"], expect[split])
+        out.append(entry)
+    return out
 
 
-def plan(args):
-    """(row, seed) in seed-major order: the requested rows, plus row 3 where a row needs its stage 1."""
-    todo = set()
-    for i, seed in enumerate(args.seeds):
-        for r in args.rows:
-            if r in MULTI_SEED or i == 0:
-                todo |= {(r, seed)} | ({(3, seed)} if r in FROM_ROW3 else set())
-    return sorted(todo, key=lambda rs: (args.seeds.index(rs[1]), rs[0]))
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
-def measured_seconds(args):
-    """{(OUT name, stage): seconds} of the stage runs made with these settings, from the row JSON files
-    (a fresh work dir) and the work dir's OUT/bench_stages.json (runs whose row is not finished yet)."""
-    found = {}
-    for path in args.res.glob("ablation/*_seed*.json"):
-        d = read_json(path)
-        if d["config"] == args.config:
-            found |= {(Path(d["out"]).name, s): sec for s, sec in d["stage_seconds"].items() if sec}
-    for path in args.work.glob("*/bench_stages.json"):
-        if read_json(path.parent / "bench_settings.json") == args.config:
-            found |= {(path.parent.name, s): sec for s, sec in read_json(path)["seconds"].items() if sec}
-    return found
-
-
-def estimate(args, todo):
-    """One line: the stage runs still to do, in stage-all runs (SHARE_OF_STAGE_ALL) and in minutes
-    (per-stage means of the measured runs), once every kind of stage has been measured."""
-    kinds = [s for _, s in sorted({(out_dir(args, r, seed).name, s) for r, seed in todo for s in ROWS[r]["stages"]
-                                   if not result_path(args, r, seed).exists() and not stage_done(out_dir(args, r, seed), s)})]
-    if not kinds:
-        return "nothing left to run"
-    measured = measured_seconds(args)
-    secs = {k: [v for (_, s), v in measured.items() if s == k] for k in SHARE_OF_STAGE_ALL}
-    counts = ", ".join(f"{kinds.count(k)} x {'eval' if k == 'eval' else 'stage ' + k}" for k in SHARE_OF_STAGE_ALL if k in kinds)
-    line = (f"{len(kinds)} train.py stage runs ({counts}), about {sum(SHARE_OF_STAGE_ALL[k] for k in kinds):.1f} x "
-            "one 'train.py --stage all' run")
-    if missing := sorted({k for k in kinds if not secs[k]}):
-        return line + f"; minutes: not yet (no measured run of stage {', '.join(missing)})"
-    return line + (f"; estimate {sum(sum(secs[k]) / len(secs[k]) for k in kinds) / 60:.3g} min "
-                   f"(per-stage means of {len(measured)} measured runs)")
-
-
-# ----------------------------------------------------------------------------- the table
-
-def load_results(args):
-    """The finished rows by row number; all made with one config (--table-only: the first file's, else this run's)."""
-    rows, config = {}, None if args.table_only else args.config
-    for path in sorted((args.res / "ablation").glob("*_seed*.json")):
-        d = read_json(path)
-        config = config or d["config"]
-        if d["config"] != config:
-            raise BenchError(f"{path} was made with other settings ({d['config']} vs {config}): one table holds "
-                             "one setting; delete the files of the other, or use another --results")
-        rows.setdefault(d["row"], []).append(d)
-    if not rows:
-        raise BenchError(f"no results in {args.res / 'ablation'}: run the bench first")
-    return {r: sorted(v, key=lambda d: d["seed"]) for r, v in sorted(rows.items())}, config
+def fmt(x, spec="{:.3f}"):
+    return "—" if x is None else spec.format(x)
 
 
 def shift_share(report):
-    """Share of selected rows from the domains other than the pool's largest one (the shift), and their names."""
+    """Share of the selection from domains other than the pool's largest (the shift)."""
     if not report or "selected_share" not in report:
-        return None, []
+        return None
     main = max(report["pool_share"], key=report["pool_share"].get)
-    names = [n for n in report["selected_share"] if n != main]
-    return sum(report["selected_share"][n] for n in names), names
+    return sum(v for k, v in report["selected_share"].items() if k != main)
 
 
-def cell(values, fmt="{:.3f}"):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean = sum(values) / len(values)
-    return fmt.format(mean) + (" ± " + fmt.format((max(values) - min(values)) / 2) if len(values) > 1 else "")
-
-
-COLUMNS = (("ID acc", lambda d: d["id_test"]["accuracy"]), ("ID F1", lambda d: d["id_test"]["macro_f1"]),
-           ("ID ECE", lambda d: d["id_test"]["ece"]), ("OOD acc", lambda d: d["ood_test"]["accuracy"]),
-           ("OOD F1", lambda d: d["ood_test"]["macro_f1"]), ("OOD ECE", lambda d: d["ood_test"]["ece"]),
-           ("F1 gap", lambda d: d["id_test"]["macro_f1"] - d["ood_test"]["macro_f1"]),
-           ("sel. {shift}", lambda d: shift_share(d["ood_report"])[0]),
-           ("kNN AUROC", lambda d: (d["ood_report"] or {}).get("knn_test_auroc")))
-
-
-def table(args, rows):
-    shift = sorted({n for v in rows.values() for d in v for n in shift_share(d["ood_report"])[1]})
-    heads = ["row", "run", "seeds"] + [h.format(shift="+".join(shift) or "shift") for h, _ in COLUMNS] + ["wall min"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r, v in rows.items():
-        lines.append(f"| {r} | {ROWS[r]['run']} | {','.join(str(d['seed']) for d in v)} | "
-                     + " | ".join(cell([f(d) for d in v]) for _, f in COLUMNS)
-                     + f" | {cell([d['wall_seconds'] / 60 for d in v], '{:.1f}')} |")
+def row_table(rows):
+    """One line per row: means over its seeds of the test (and dev) metrics, the DASA selection, minutes."""
+    lines = ["| row | run | seeds | ID F1 | OOD F1 | ID ECE | OOD ECE | id_dev F1 | ood_dev F1 | sel. shift | min/seed |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in [r for r in ROWS if r in rows]:
+        recs = list(rows[row].values())
+        m = lambda split, key: mean([r["metrics"].get(split, {}).get(key) for r in recs])  # noqa: E731
+        lines.append(f"| {row} | {ROWS[row]['run']} | {','.join(str(r['seed']) for r in recs)} | "
+                     f"{fmt(m('id_test', 'macro_f1'))} | {fmt(m('ood_test', 'macro_f1'))} | {fmt(m('id_test', 'ece'))} | "
+                     f"{fmt(m('ood_test', 'ece'))} | {fmt(m('id_dev', 'macro_f1'))} | {fmt(m('ood_dev', 'macro_f1'))} | "
+                     f"{fmt(mean([shift_share(r['ood_report']) for r in recs]), '{:.0%}')} | "
+                     f"{fmt(mean([sum(r['minutes'].values()) for r in recs]), '{:.0f}')} |")
     return lines
 
 
-def details(rows):
-    lines = ["| row | seed | OUT | train rows / steps per stage | seconds per stage | reused |", "|---|---|---|---|---|---|"]
-    for r, v in rows.items():
-        for d in v:
-            train = ", ".join(f"{s}: {t['rows']} / {t['steps']}" for s, t in d["train"].items() if t) or "—"
-            secs = ", ".join(f"{s}: {sec}" for s, sec in d["stage_seconds"].items())
-            lines.append(f"| {r} | {d['seed']} | {Path(d['out']).name} | {train} | {secs} | {'; '.join(d['reused']) or '—'} |")
+def interval(ci):
+    return "—" if ci is None else f"{ci['delta']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+
+
+def claims_table(entries):
+    """One line per comparison: macro-F1 and ECE deltas with 95% intervals, and the verdicts."""
+    lines = ["| comparison | row - ref | seeds | ID macro-F1 delta [95% CI] | OOD macro-F1 delta [95% CI] | "
+             "ID ECE delta | OOD ECE delta | verdict ID / OOD |", "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        seeds = (e["id_test_macro_f1"] or {}).get("seeds", [])
+        lines.append(f"| {e['claim']} | {e['row']} - {e['ref']} | {','.join(map(str, seeds))} | "
+                     f"{interval(e['id_test_macro_f1'])} | {interval(e['ood_test_macro_f1'])} | "
+                     f"{interval(e['id_test_ece'])} | {interval(e['ood_test_ece'])} | "
+                     f"{e['id_test_verdict']} / {e['ood_test_verdict']} |")
     return lines
 
 
-def write_table(args):
-    rows, config = load_results(args)
-    ds = [d for v in rows.values() for d in v]
-    reports = [d["ood_report"] for d in ds if d["ood_report"]]
-    per_seed = []
-    for seed in sorted({d["seed"] for d in ds}):  # the subsample (and so the pool mix) depends on the seed
-        splits = sorted({", ".join(f"{k} {n:,}" for k, n in d["splits"].items()) for d in ds if d["seed"] == seed})
-        pool = sorted({", ".join(f"{k} {v:.3f}" for k, v in sorted(d["ood_report"]["pool_share"].items()))
-                       for d in ds if d["seed"] == seed and d["ood_report"] and "pool_share" in d["ood_report"]})
-        per_seed.append(f"- seed {seed}: rows per split (after --limit) {' / '.join(splits)}"
-                        + (f"; pool domain shares {' / '.join(pool)}" if pool else ""))
-    seeds = sorted({d["seed"] for d in ds})
-    md = ["# DaRL ablation", "",
-          f"Data `{config['data']}`, model `{config['model']}`, generated by `bench/ablation.py` from "
-          "`ablation/*.json`. Metrics of each row's last stage on id_test (ID) and ood_test (OOD): accuracy, "
-          "macro-F1 (F1), ECE; gap = ID F1 - OOD F1. `sel.` = share of the DASA-selected pool rows that come "
-          "from the shift domain (pool shares in the settings). kNN AUROC = knn_score separating id_test from "
-          "ood_test with the stage-1 features. wall = minutes of the train.py runs of the row's stages; rows "
-          "4-8 reuse row 3's stage 1 (not counted), row 7 row 6's selection.", "",
-          *table(args, rows), "",
-          f"A row with several seeds (of {','.join(map(str, seeds))}) shows mean ± half the range over them; the "
-          "other rows ran with the first seed only. The seed also picks train.py's subsample of every split.", "",
-          "## Settings", "",
-          f"- train.py arguments of every row: `{' '.join(config['train_args']) or '(train.py defaults)'}`",
-          *per_seed,
-          *[f"- DASA budget {b} rows per selection ({', '.join(sorted({str(rep['ood_score']) for rep in reports}))} "
-            f"scores, k={', '.join(sorted({str(rep['k']) for rep in reports}))})" for b in sorted({rep['budget'] for rep in reports})],
-          f"- threads per train.py run: {', '.join(sorted({str(d['threads']) for d in ds}))}",
-          f"- rows finished {min(d['date'] for d in ds)} .. {max(d['date'] for d in ds)}; "
-          f"table generated {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-          f"- git commit(s): {', '.join(sorted({d['commit'] for d in ds}))}", "",
-          "## Per run", "", *details(rows), "",
-          "## Commands (first seed of each row; stages already done in OUT are not rerun)", ""]
-    for r, v in rows.items():
-        md += [f"{r}. " + "<br>".join(f"`{c}`" for c in v[0]["commands"])]
-    args.res.mkdir(parents=True, exist_ok=True)
-    (args.res / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    print("\n".join(table(args, rows)))
-    print(f"wrote {args.res / 'ablation.md'}")
-    plot(args, rows, config)
+def write_tables(args):
+    """deltas.json (the intervals) and ablation.md (both tables, settings, per-run details)."""
+    rows = finished(args)
+    entries = deltas(args, rows)
+    write_json(args.results / "deltas.json", {"n_boot": 1000, "level": 0.95, "test_limit": TEST_LIMIT, "claims": entries})
+    recs = [r for by in rows.values() for r in by.values()]
+    md = ["# DaRL ablation", "", f"Generated by `bench/ablation.py --table` from `{rel(args.results)}/*.json`; "
+          f"machines: {'; '.join(sorted({r['machine'] for r in recs}))}; commits {', '.join(sorted({r['commit'] for r in recs}))}.", "",
+          *row_table(rows), "", "## Comparisons (paired bootstrap, 1,000 resamples of test rows and seeds)", "",
+          *claims_table(entries), "", "## Runs", "", "| row | seed | minutes per stage | commands |", "|---|---|---|---|"]
+    for r in recs:
+        md.append(f"| {r['row']} | {r['seed']} | {', '.join(f'{s}: {m:.1f}' for s, m in r['minutes'].items())} | "
+                  + "<br>".join(f"`python train.py {c}`" for c in r["commands"]) + " |")
+    (args.results.parent / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    print("\n".join(row_table(rows) + [""] + claims_table(entries)))
 
 
-def plot(args, rows, config):
-    try:
-        import matplotlib
-    except ImportError:
-        print("plot skipped: matplotlib is missing (pip install matplotlib for ablation_f1.png)")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for j, split in enumerate(("id_test", "ood_test")):
-        vals = [[d[split]["macro_f1"] for d in v] for v in rows.values()]
-        ax.bar([i + (j - 0.5) * 0.4 for i in range(len(vals))], [sum(x) / len(x) for x in vals], 0.4,
-               yerr=[(max(x) - min(x)) / 2 for x in vals], capsize=3, label=("ID" if j == 0 else "OOD") + " macro-F1")
-    ax.set_xticks(range(len(rows)), [f"row {r}: {ROWS[r]['run']}" for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_title(f"DaRL ablation: ID vs OOD macro-F1 ({config['data']})", fontsize=10)
-    ax.set_ylabel("macro-F1 (± half range over seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.res / "ablation_f1.png", dpi=120)
-    print(f"wrote {args.res / 'ablation_f1.png'}")
+def todo(args):
+    """(row, seed), row by row in --rows order (PRIORITY: the rows the main claims rest on first, each with
+    all its seeds); a row without training (zero-shot) runs once."""
+    return [(row, seed) for row in args.rows for seed in args.seeds if ROWS[row]["stages"] or seed == args.seeds[0]]
 
 
 def main(argv=None):
     args = get_args(sys.argv[1:] if argv is None else argv)
-    if args.table_only:
-        return write_table(args)
-    for path in sorted(args.res.glob("ablation/*_seed*.json")):  # before hours of work, not after
-        check_settings(path, args.config)
-    todo = plan(args)
-    print("plan: " + estimate(args, todo), flush=True)
+    if args.table:
+        return write_tables(args)
+    left = [(row, seed) for row, seed in todo(args) if not (args.results / f"{row}_seed{seed}.json").exists()]
+    print(f"plan: {len(left)} (row, seed) runs left: {', '.join(f'{r}/{s}' for r, s in left)}", flush=True)
     if args.plan:
-        for r, seed in todo:
-            out, copies = out_dir(args, r, seed), []
-            if r in FROM_ROW3:
-                copies.append(f"cp -r {rel(out_dir(args, 3, seed) / 'stage1')} {rel(out / 'stage1')}")
-            if r == 7:
-                copies.append(f"cp {rel(out_dir(args, 6, seed) / 'stage2')}/{{ood_report.json,dasa_selected.jsonl}} "
-                              f"{rel(out / 'stage2')}/   # when row 6 made them")
-            cmds = copies + [" ".join(command(args, r, seed, s)) for s in ROWS[r]["stages"]]
-            print(f"row {r} seed {seed} ({ROWS[r]['run']}):\n  " + "\n  ".join(cmds))
+        for row, seed in left:
+            print(f"{row} seed {seed}:\n  " + "\n  ".join(
+                f"python train.py {' '.join(c)}" for c in [train_cmd(args, row, seed, s) for s in ROWS[row]["stages"]]
+                + [eval_cmd(args, row, seed)]))
         return
-    (args.res / "ablation").mkdir(parents=True, exist_ok=True)
-    for n, (r, seed) in enumerate(todo):
-        path = result_path(args, r, seed)
-        if path.exists():
-            print(f"skip row {r} seed {seed}: {path} exists", flush=True)
-            continue
-        t0 = time.time()
-        print(f"=== row {r} seed {seed}: {ROWS[r]['run']} -> {out_dir(args, r, seed)}", flush=True)
-        run_row(args, r, seed)
-        print(f"=== row {r} seed {seed} done in {(time.time() - t0) / 60:.1f} min; left: {estimate(args, todo[n + 1:])}", flush=True)
-    write_table(args)
+    args.machine = machine(args.threads)
+    print(f"machine: {machine_line(args.machine)}", flush=True)
+    for row, seed in left:
+        run_row(args, row, seed)
+        write_tables(args)  # the tables grow as rows finish: a cut session leaves them up to date
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as e:
-        sys.exit(f"error: {e}")
+    main()
