@@ -131,6 +131,70 @@ def test_mahalanobis_matches_numpy_reference():
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5)
 
 
+def test_mahalanobis_with_unsorted_sparse_labels_matches_scipy():
+    """Labels given as a list of sparse, unsorted class ids (7, 2, 40): each row is centred on its own class mean.
+    Catches class means matched to rows by position in unique() instead of by value, and a float32 covariance."""
+    from scipy.spatial import distance
+    rng = np.random.default_rng(8)
+    labels = rng.choice([7, 2, 40], size=200).tolist()
+    bank = rng.normal(size=(200, 5)) + np.array([[0, 3, 0, 0, 0]]) * (np.array(labels)[:, None] == 40)
+    q = rng.normal(size=(30, 5)) * 2
+    means = {c: bank[np.array(labels) == c].mean(0) for c in (2, 7, 40)}
+    centered = bank - np.stack([means[c] for c in labels])
+    cov = centered.T @ centered / len(bank)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / 5 * np.eye(5)
+    vi = np.linalg.inv(cov)
+    ref = [min(distance.mahalanobis(x, m, vi) ** 2 for m in means.values()) for x in q]
+    got = ood.mahalanobis_score(torch.tensor(bank, dtype=torch.float32), labels, torch.tensor(q, dtype=torch.float32))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4)
+
+
+def test_coverage_score_is_the_ratio_of_brute_force_kth_distances():
+    """coverage = d_k(pool row, bank) / d_k(pool row, other pool rows), each by brute force. Catches the ratio
+    inverted (pool / bank: dense shifted clusters would rank last), the pool row counted as its own neighbour
+    (d_pool = 0), and k mixed up between the two distances."""
+    g = torch.Generator().manual_seed(9)
+    bank, pool = torch.randn(150, 6, generator=g), torch.randn(90, 6, generator=g) * 1.5
+    for k in (1, 4):
+        ref = _brute_kth(bank, pool, k) / _brute_kth(pool, pool, k, exclude_self=True)
+        np.testing.assert_allclose(ood.coverage_score(bank, pool, k=k, chunk=32).numpy(), ref, rtol=1e-4)
+
+
+def test_rank_mean_equals_brute_force_ranks():
+    """rank_mean == mean over scores of (number of rows scoring lower) / (n - 1). Catches argsort used as the rank
+    (a permutation, not ranks), ranks not scaled to [0, 1] (scores on different scales weigh differently), and
+    one score reversed."""
+    rng = np.random.default_rng(10)
+    a, b, c = rng.normal(size=37), rng.exponential(size=37) * 1000, -rng.normal(size=37)
+    ref = np.mean([[np.sum(s < s[i]) / 36 for i in range(37)] for s in (a, b, c)], axis=0)
+    np.testing.assert_allclose(ood.rank_mean(torch.tensor(a), b, torch.tensor(c)).numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(ood.rank_mean(a).numpy(), np.argsort(np.argsort(a)) / 36, atol=1e-6)
+
+
+def test_pool_scores_dispatches_each_name_to_its_score():
+    """Each name against an independent reference (brute-force k-th distances, a numpy Mahalanobis, brute-force
+    ranks); an unknown name is an error. Catches a name wired to the wrong score (knn returning coverage),
+    k not passed through, and maha_knn combining the wrong pair."""
+    rng = np.random.default_rng(11)
+    bank, pool = torch.tensor(rng.normal(size=(120, 5))), torch.tensor(rng.normal(size=(40, 5)) * 1.3)
+    labels = rng.integers(0, 3, 120).tolist()
+    knn = _brute_kth(bank, pool, 3)
+    cov = knn / _brute_kth(pool, pool, 3, exclude_self=True)
+    x, y = bank.numpy(), np.array(labels)
+    means = np.stack([x[y == c].mean(0) for c in range(3)])
+    cv = np.cov((x - means[y]).T, bias=True)
+    prec = np.linalg.inv(0.9 * cv + 0.1 * np.trace(cv) / 5 * np.eye(5))
+    maha = np.min([np.einsum("nd,de,ne->n", pool.numpy() - m, prec, pool.numpy() - m) for m in means], axis=0)
+    rank = lambda s: np.array([np.sum(s < v) for v in s]) / (len(s) - 1)  # noqa: E731
+    refs = {"knn": knn, "coverage": cov, "mahalanobis": maha, "maha_knn": (rank(maha) + rank(knn)) / 2}
+    assert set(refs) == set(ood.SCORES)
+    for name, ref in refs.items():
+        got = ood.pool_scores(name, bank, pool, k=3, bank_labels=labels)
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-4, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="unknown OOD score 'energy'"):
+        ood.pool_scores("energy", bank, pool)
+
+
 def test_logit_scores_rank_flat_logits_as_more_ood():
     logits = torch.tensor([[9.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
     msp = ood.msp_score(logits)
@@ -170,25 +234,78 @@ def test_diversity_step_selects_duplicates_once():
     assert sum(i < 50 for i in ood.dasa_select(scores, 30, features=jittered, min_distance=0.1)) == 1
 
 
-def test_dasa_select_group_cap_skip_and_determinism():
+def _brute_walk(scores, budget, groups=None, cap=None, feats=None, min_distance=0.0, skip_top=0.0):
+    """DASA's documented walk, written plainly: rows by descending score, the top skip_top fraction skipped;
+    a row is taken unless its group already has `cap` rows or (with features) a taken row lies within
+    min_distance (Euclidean); stop at the budget."""
+    n = len(scores)
+    order = sorted(range(n), key=lambda i: -scores[i])[int(skip_top * n):]
+    taken = []
+    for i in order:
+        if len(taken) == budget:
+            break
+        if cap is not None and groups is not None and groups[i] is not None \
+                and sum(groups[j] == groups[i] for j in taken) >= cap:
+            continue
+        if feats is not None and any(np.linalg.norm(feats[i] - feats[j]) <= min_distance for j in taken):
+            continue
+        taken.append(i)
+    return taken
+
+
+@pytest.mark.parametrize("budget,cap,use_feats,min_distance,skip_top", [
+    (20, 3, False, 0.0, 0.0), (50, 2, False, 0.0, 0.0), (30, 4, True, 0.0, 0.0), (30, None, True, 0.0, 0.1),
+    (25, 3, True, 0.5, 0.05), (400, 5, True, 0.0, 0.0), (12, 1, True, 1.0, 0.2)])
+def test_dasa_select_is_the_documented_walk(budget, cap, use_feats, min_distance, skip_top):
+    """dasa_select == a plain re-implementation of the walk on distinct scores (the seed then plays no part):
+    highest first, per-group cap, exact duplicates (and rows within min_distance) taken once, the top skip_top
+    fraction skipped, stopping at the budget (or when the pool runs out). Catches a cap off by one (> instead of
+    >=), counting a skipped row against its group, a duplicate test against the first taken row only, a
+    strict < min_distance (exact copies pass at distance 0), skip_top applied after the walk, ascending order."""
     rng = np.random.default_rng(5)
-    scores = rng.integers(0, 5, size=400).astype(float)  # many ties: the seed decides among them
+    n = 400
+    scores = rng.permutation(n).astype(float) + rng.uniform(0, 0.5, n)
+    groups = [f"q{i % 7}" for i in range(n)]
+    groups[::50] = [None] * len(groups[::50])  # rows without a group are never capped
+    feats = rng.normal(size=(n, 4))
+    top = np.argsort(-scores)
+    feats[top[1:6]] = feats[top[0]]  # exact copies of the best row, scored just below it
+    feats[top[10:14]] = feats[top[8]] + 0.01 * rng.normal(size=(4, 4))  # near copies of a high row
+    f = torch.tensor(feats, dtype=torch.float32) if use_feats else None
+    picked = ood.dasa_select(torch.tensor(scores), budget, features=f, groups=groups, max_per_group=cap,
+                             min_distance=min_distance, skip_top=skip_top, seed=3)
+    ref = _brute_walk(scores, budget, groups, cap, feats if use_feats else None, min_distance, skip_top)
+    assert picked == ref
+    assert all(type(i) is int for i in picked)
+
+
+def test_dasa_select_ties_broken_by_seed_only():
+    """Tied scores: the seed chooses among rows of equal score and nothing else; the cap holds for every seed.
+    Catches the seed reordering distinct scores, and ties always broken by index (the seed ignored)."""
+    rng = np.random.default_rng(6)
+    scores = rng.integers(0, 5, size=400).astype(float)  # many ties
     groups = [f"q{i % 7}" for i in range(400)]
-    feats = torch.tensor(rng.normal(size=(400, 4)), dtype=torch.float32)
-    for f in (None, feats):
-        picked = ood.dasa_select(scores, 20, features=f, groups=groups, max_per_group=3)
-        assert len(picked) == 20  # 7 groups x 3 = 21 >= 20
-        counts = {g: sum(groups[i] == g for i in picked) for g in set(groups)}
-        assert max(counts.values()) <= 3
-        assert picked == ood.dasa_select(scores, 20, features=f, groups=groups, max_per_group=3)
-        assert len(ood.dasa_select(scores, 50, features=f, groups=groups, max_per_group=2)) == 14
-    a, b = ood.dasa_select(scores, 20, seed=0), ood.dasa_select(scores, 20, seed=1)
-    assert a != b and sorted(scores[a]) == sorted(scores[b])  # seed only breaks ties
-    skipped = ood.dasa_select(np.arange(100.0), 10, skip_top=0.05)
-    assert skipped == list(range(94, 84, -1))
-    r = ood.random_select(scores, 20, groups=groups, max_per_group=3, seed=7)
-    assert r == ood.random_select(scores, 20, groups=groups, max_per_group=3, seed=7)
-    assert max(sum(groups[i] == g for i in r) for g in set(groups)) <= 3
+    runs = [ood.dasa_select(scores, 20, groups=groups, max_per_group=3, seed=s) for s in range(4)]
+    assert len({tuple(r) for r in runs}) > 1
+    assert runs[0] == ood.dasa_select(scores, 20, groups=groups, max_per_group=3, seed=0)
+    for r in runs:
+        assert sorted(scores[r], reverse=True) == list(scores[r]) and list(scores[r]) == list(scores[runs[0]])
+        assert max(sum(groups[i] == g for i in r) for g in set(groups)) <= 3
+
+
+def test_random_select_ignores_scores_and_respects_the_cap():
+    """random_select: a seeded sample (same seed, same rows; other seed, other rows) that ignores the scores,
+    under the same per-group cap. Catches a baseline that secretly ranks by score, and a cap not applied to it."""
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=300)
+    groups = [f"q{i % 10}" for i in range(300)]
+    r = ood.random_select(scores, 25, groups=groups, max_per_group=2, seed=7)
+    assert len(r) == 20 and len(set(r)) == 20  # 10 groups x 2
+    assert max(sum(groups[i] == g for i in r) for g in set(groups)) == 2
+    assert r == ood.random_select(-scores, 25, groups=groups, max_per_group=2, seed=7)
+    assert r != ood.random_select(scores, 25, groups=groups, max_per_group=2, seed=8)
+    top = set(np.argsort(-scores)[:25].tolist())
+    assert len(top & set(ood.random_select(scores, 25, seed=1))) < 10
 
 
 # ---------------------------------------------------------------- extract_features (tiny random Gemma 3)
