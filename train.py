@@ -224,9 +224,14 @@ def stage2(judge, data, out_dir, args, rt):
     evaluate(judge, data, "2", args, rt)
 
 
+def replay_rows(id_train, n, args):
+    """The id_train rows stage 3 replays: a seeded sample, drawn apart from --limit's (seed + 3)."""
+    return subsample(id_train, n, args.seed + 3)
+
+
 def stage3(judge, data, out_dir, args, rt):
     selected = select(judge, data, args, rt, adapter_dir=os.path.join(args.out, "stage1"))
-    replay = subsample(data["id_train"], int(args.replay * len(selected)), args.seed + 3)
+    replay = replay_rows(data["id_train"], int(args.replay * len(selected)), args)
     rt.log(f"stage 3 from stage {args.stage3_from}: {len(selected)} selected + {len(replay)} id_train replay rows")
     judge.load(os.path.join(args.out, f"stage{args.stage3_from}"))
     fit(judge, selected + replay, out_dir, args.lr * args.dasa_lr_scale, args.dasa_epochs, args, rt)
