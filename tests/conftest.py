@@ -12,7 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED_DATA = Path(os.environ.get("DARL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The raw QBQTC / KUAKE-QTR files: DARL_SHARED_DATA, else ../shared/data, else the download cache that
+# `python data/qbqtc2kuake/prepare.py` (without --src) fills.
+SHARED_DATA = Path(os.environ.get("DARL_SHARED_DATA") or next(
+    (p for p in (ROOT.parent / "shared" / "data", ROOT / "data" / "qbqtc2kuake" / "upstream") if p.is_dir()),
+    ROOT.parent / "shared" / "data"))
 GEMMA = ROOT / "data" / "gemma3_270m"
 
 
@@ -24,7 +28,8 @@ def need(path, how):
 
 @pytest.fixture(scope="session")
 def shared_data():
-    return need(SHARED_DATA, "the raw QBQTC / KUAKE-QTR files (see ../shared/data/README.md; DARL_SHARED_DATA overrides)")
+    return need(SHARED_DATA, "the raw QBQTC / KUAKE-QTR files: ../shared/data, or run python data/qbqtc2kuake/prepare.py "
+                             "once with internet (it caches them in data/qbqtc2kuake/upstream); DARL_SHARED_DATA overrides")
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "qbqtc2kuake" / "prepare.py"
-SRC = ROOT.parent / "shared" / "data"
+SRC = SHARED_DATA
 SPLITS = ("id_train", "id_dev", "id_test", "pool", "ood_dev", "ood_test")
 FILES = ("meta.json",) + tuple(f"{s}.jsonl" for s in SPLITS)
 
