@@ -519,7 +519,17 @@ def main(argv=None):
            f"threads {torch.get_num_threads()}")
     t0 = time.time()
     if args.stage == "score":
-        return score(args, rt)
+        score(args, rt)
+    else:
+        train_or_eval(args, rt)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    rt.log(f"done in {(time.time() - t0) / 60:.1f} min, peak RSS {peak:.2f} GiB" + (" (this rank)" if rt.world > 1 else ""))
+    if rt.world > 1:
+        dist.destroy_process_group()
+
+
+def train_or_eval(args, rt):
+    """--stage 1/2/3/all (the schedule's stages) or eval (one adapter, or zero-shot), then the results table."""
     meta = load_meta(args.data)
     data = load_data(args, rt, len(meta["grades"]))
     args.budget = len(data["pool"]) // 5 if args.budget is None else args.budget
@@ -534,10 +544,6 @@ def main(argv=None):
     else:
         run_stages(judge, data, args, rt)
     summary(args, rt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
-    rt.log(f"done in {(time.time() - t0) / 60:.1f} min, peak RSS {peak:.2f} GiB" + (" (this rank)" if rt.world > 1 else ""))
-    if rt.world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def get_args(argv):
     p.add_argument("--results", default=str(RES))
     p.add_argument("--work", default=str(ROOT / "out" / "rare_shift"))
     p.add_argument("--train_args", default="", help="extra train.py arguments for every call (tests: a tiny model)")
+    p.add_argument("--test_limit", type=int, default=ablation.TEST_LIMIT, help="rows scored per test split (tests: fewer)")
     args = p.parse_args(argv)
     args.seeds, args.extra = [int(s) for s in args.seeds.split(",")], args.train_args.split()
     args.results, args.work = Path(args.results), Path(args.work)
@@ -86,7 +87,7 @@ def train_cmd(args, share, budget, selector, seed, stage):
 def eval_cmd(args, share, budget, selector, seed):
     out = out_dir(args, share, budget, selector, seed)
     return ["--stage", "eval", "--out", rel(out), "--seed", str(seed), "--adapter", rel(out / "stage3"),
-            "--data", rel(pool_variant(args, share)), "--eval_limit", str(ablation.TEST_LIMIT),
+            "--data", rel(pool_variant(args, share)), "--eval_limit", str(args.test_limit),
             "--eval_on", ",".join(ablation.TEST), *args.extra]
 
 
@@ -133,14 +134,21 @@ def run_one(args, share, budget, selector, seed):
               "minutes": {k: round(v, 2) for k, v in minutes.items()}, "commands": [
                   " ".join(train_cmd(args, share, budget, selector, seed, s)) for s in ("2", "3")]
               + [" ".join(eval_cmd(args, share, budget, selector, seed))],
-              "machine": machine_line(args.machine), "commit": git_commit(), "date": now()}
+              "settings": ablation.settings(args), "machine": machine_line(args.machine), "commit": git_commit(), "date": now()}
     write_json(path, record)
 
 
 # ----------------------------------------------------------------------------- table and plot
 
 def finished(args):
-    return {(r["share"], r["budget"], r["selector"], r["seed"]): r for r in map(read_json, sorted(args.results.glob("med*.json")))}
+    """{(share, budget, selector, seed): record}; a record made with other settings is an error."""
+    out = {}
+    for path in sorted(args.results.glob("med*.json")):
+        r = read_json(path)
+        if r["settings"] != ablation.settings(args):
+            raise SystemExit(f"error: {path} was made with other settings ({r['settings']} vs now {ablation.settings(args)})")
+        out[(r["share"], r["budget"], r["selector"], r["seed"])] = r
+    return out
 
 
 def dasa_vs_random(args, runs, share, budget, split):
@@ -216,12 +224,14 @@ def write_tables(args):
 def main(argv=None):
     args = get_args(sys.argv[1:] if argv is None else argv)
     args.ablation = ablation.get_args(["--rows", "darl", "--data", args.data, "--results", str(args.results.parent / "ablation"),
-                                       "--work", str(args.work.parent / "ablation"), f"--train_args={' '.join(args.extra)}"])
+                                       "--work", str(args.work.parent / "ablation"), f"--train_args={' '.join(args.extra)}",
+                                       "--test_limit", str(args.test_limit)])
     if args.table:
         return write_tables(args)
     args.machine = args.ablation.machine = machine(args.threads)
     args.ablation.threads = args.threads
     print(f"machine: {machine_line(args.machine)}", flush=True)
+    finished(args)
     for share, budget, selector, seed in grid(args):
         run_one(args, share, budget, selector, seed)
         write_tables(args)

@@ -4,8 +4,9 @@
     python bench/readme_tables.py --check    # exit 1 when README.md is not what the files give (a test runs this)
 
 A block is the text between `<!-- table: NAME -->` and `<!-- /table -->` in README.md; NAME is one of
-BLOCKS. Each block starts with a line naming its source files, date, commit and settings, read from
-those files. The prose around the blocks is written by hand and must agree with them.
+BLOCKS. Each block starts with a line naming its source files, the machine (CPU, matmul ceiling) and
+commit, read from those files; a block whose files do not exist yet says so and names the command that
+makes them. The prose around the blocks is written by hand and must agree with them.
 """
 import argparse
 import json
@@ -16,59 +17,133 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
 
 def rel(path):
     return str(Path(path).relative_to(ROOT))
 
 
+def missing(path, command):
+    return [f"Not measured yet: `{command}` writes `{rel(path)}`."]
+
+
 def main_run():
-    """`python train.py --stage all` with the defaults: metrics per stage, wall time, peak RSS, DASA share."""
-    res, log, rep = (RES / "train_cpu" / n for n in ("main_run.jsonl", "main_run_log.txt", "main_run_ood_report.json"))
-    rows = [json.loads(line) for line in res.read_text().splitlines()]
-    text = log.read_text()
+    """`python train.py --stage all` with the defaults: dev and test metrics per stage, wall time, peak RSS, DASA."""
+    res, log, rep, mach = (RES / "train_cpu" / n for n in ("main_run.jsonl", "main_run_log.txt", "main_run_ood_report.json",
+                                                           "main_run_machine.json"))
+    if not mach.exists():
+        return missing(res, "python train.py --stage all")
+    rows = [json.loads(line) for line in res.read_text().splitlines() if "macro_f1" in line]
+    text, report, machine = log.read_text(), json.loads(rep.read_text()), json.loads(mach.read_text())
     head = re.search(r"^\[\S+\] (train\.py --stage all.*)$", text, re.M)
     done = re.search(r"done in ([\d.]+) min, peak RSS ([\d.]+) GiB", text)
-    report = json.loads(rep.read_text())
     by = {(r["stage"], r["split"]): r for r in rows}
-    out = [f"From `{rel(res)}`, `{rel(log)}`, `{rel(rep)}`: `{head.group(1)}`; **{done.group(1)} min wall, peak RSS {done.group(2)} GiB**.", "",
-           "| stage | ID acc | ID macro-F1 | ID ECE | OOD acc | OOD macro-F1 | OOD ECE | ID-OOD F1 gap |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [f"From `{rel(res)}`, `{rel(log)}`, `{rel(rep)}`: `{head.group(1)}` on {machine['line']}, commit "
+           f"{machine['commit']}; **{done.group(1)} min wall, peak RSS {done.group(2)} GiB**.", "",
+           "| stage | id_dev F1 | ood_dev F1 | ID (id_test) acc | ID F1 | ID ECE | OOD (ood_test) acc | OOD F1 | OOD ECE | ID-OOD F1 gap |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage in sorted({r["stage"] for r in rows}):
-        i, o = by[(stage, "id_test")], by[(stage, "ood_test")]
-        out.append(f"| {stage} | {i['accuracy']:.3f} | {i['macro_f1']:.3f} | {i['ece']:.3f} | {o['accuracy']:.3f} "
-                   f"| {o['macro_f1']:.3f} | {o['ece']:.3f} | {i['macro_f1'] - o['macro_f1']:+.3f} |")
+        d, o, i, t = (by[(stage, s)] for s in ("id_dev", "ood_dev", "id_test", "ood_test"))
+        out.append(f"| {stage} | {d['macro_f1']:.3f} | {o['macro_f1']:.3f} | {i['accuracy']:.3f} | {i['macro_f1']:.3f} | "
+                   f"{i['ece']:.3f} | {t['accuracy']:.3f} | {t['macro_f1']:.3f} | {t['ece']:.3f} | {i['macro_f1'] - t['macro_f1']:+.3f} |")
     shares = ", ".join(f"{k} {v:.1%}" for k, v in sorted(report["selected_share"].items()))
     pool = ", ".join(f"{k} {v:.1%}" for k, v in sorted(report["pool_share"].items()))
     out += ["", f"DASA ({report['ood_score']} score, budget {report['budget']}, k={report['k']}): selected {shares} "
-                f"(pool: {pool}); AUROC of the score for the pool's shifted domain "
-                f"{report['pool_shift_auroc']:.3f}; id_test vs ood_test AUROC of the score {report['test_auroc']:.3f}, "
-                f"of plain kNN {report['knn_test_auroc']:.3f}."]
+                f"(pool: {pool}); AUROC of the score for the pool's shifted domain {report['pool_shift_auroc']:.3f}, "
+                f"for id_dev vs ood_dev {report['dev_auroc']:.3f}."]
     return out
 
 
-def ablation():
+def sweeps():
+    """The dev sweeps that chose train.py's defaults (bench/sweep.py), one table per sweep file."""
+    import sweep
+    files = sorted((RES / "sweeps").glob("*.jsonl"))
+    if not files:
+        return missing(RES / "sweeps", "python bench/sweep.py stage1 ...")
+    out = []
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        machines = sorted({r["machine"] for r in rows})
+        out += [f"`{rel(path)}` (scored on {', '.join(sorted({r['scored_on'] for r in rows}))}; {'; '.join(machines)}; "
+                f"train.py arguments beyond the grid: `{' '.join(extra_args(rows[0]))}`):", "", *sweep.table(rows), ""]
+    return out[:-1]
+
+
+def extra_args(row):
+    """The sweep's fixed train.py arguments: the command minus --stage/--out/--seed/--resume/--eval_on and the grid."""
+    cmd, skip, out = row["train_args"], {"--stage", "--out", "--seed", "--eval_on"} | {f"--{k}" for k in row["config"]}, []
+    i = 0
+    while i < len(cmd):
+        if cmd[i] in skip:
+            i += 2
+        elif cmd[i] == "--resume":
+            i += 1
+        else:
+            out.append(cmd[i])
+            i += 1
+    return out
+
+
+def ood_features():
+    import ood_features as of
+    path = RES / "ood_features.json"
+    d = json.loads(path.read_text())
+    if "scored_on" not in d:
+        return missing(path, "python bench/ood_features.py")
+    s = d["setup"]
+    return [f"From `{rel(path)}`: base model `{s['model']}`, k={s['k']}, {s['machine']}, commit {s['commit']}; AUROC: "
+            f"{d['scored_on']['auroc']}; P@250 on the dev pool ({d['scored_on']['pool']}), bank {d['scored_on']['bank']}.",
+            "", *of.table_lines(d)]
+
+
+def ablation_rows():
     import ablation as ab
-    args = ab.get_args(["--table-only"])
-    rows, config = ab.load_results(args)
-    ds = [d for v in rows.values() for d in v]
-    return [f"From `bench/results/ablation/*.json` (full report: `bench/results/ablation.md`): data `{config['data']}`, "
-            f"model `{config['model']}`, train.py arguments `{' '.join(config['train_args'])}` + defaults, "
-            f"{', '.join(sorted({str(d['threads']) for d in ds}))} thread(s) per run, finished "
-            f"{max(d['date'] for d in ds)[:10]}, commit(s) {', '.join(sorted({d['commit'][:7] for d in ds}))}.", "",
-            *ab.table(args, rows)]
+    args = ab.get_args(["--table"])
+    rows = ab.finished(args)
+    if not rows:
+        return missing(ab.RES, "python bench/ablation.py")
+    recs = [r for by in rows.values() for r in by.values()]
+    return [f"From `bench/results/ablation/*.json` (full report: `bench/results/ablation.md`): train.py size "
+            f"`{' '.join(recs[0]['settings']['size'])}`, test rows {recs[0]['settings']['test_limit']:,} per test split; "
+            f"{'; '.join(sorted({r['machine'] for r in recs}))}; commits {', '.join(sorted({r['commit'] for r in recs}))}.",
+            "", *ab.row_table(rows)]
+
+
+def ablation_claims():
+    import ablation as ab
+    path = ab.RES / "deltas.json"
+    if not path.exists():
+        return missing(path, "python bench/ablation.py")
+    d = json.loads(path.read_text())
+    return [f"From `{rel(path)}`: paired bootstrap, {d['n_boot']:,} resamples of test rows and seeds, "
+            f"{d['level']:.0%} intervals; verdict per test split from the macro-F1 interval (— = no claim on that split).",
+            "", *ab.claims_table(d["claims"])]
+
+
+def rare_shift():
+    import rare_shift as rs
+    files = sorted(rs.RES.glob("med*.json")) if rs.RES.exists() else []
+    if not files:
+        return missing(rs.RES, "python bench/rare_shift.py")
+    args = rs.get_args([])
+    lines, _ = rs.table(args, rs.finished(args))
+    recs = [json.loads(f.read_text()) for f in files]
+    return [f"From `bench/results/rare_shift/*.json`: {'; '.join(sorted({r['machine'] for r in recs}))}; commits "
+            f"{', '.join(sorted({r['commit'] for r in recs}))}.", "", *lines]
 
 
 def speed():
     import speed as sp
     d = json.loads((RES / "speed_cpu.json").read_text())
     s, m = d["settings"], d["machine"]
+    ceiling = " / ".join(f"{v:.2f} {k.replace('float32', 'fp32').replace('bfloat16', 'bf16')}" for k, v in d["matmul_ceiling_tflops"].items())
     return [f"From `bench/results/speed_cpu.json`: {m['date'][:10]}, commit {m['git_commit'][:7]}, {m['cpu_model']} "
-            f"({m['cpu_count']} cores, bf16 flags: {', '.join(m['cpu_bf16_matmul_flags']) or 'none'}), {m['threads']} "
-            f"thread(s), torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; batch {s['batch']} x "
-            f"{s['seq']} tokens, {s['steps']} timed steps over {s['rounds']} rounds; check: max |ours - peft_grade| "
-            f"{d['check']['max_diff_peft_grade']:.1e}, vs peft_full's grade columns {d['check']['max_diff_peft_full']:.1e}.",
-            "", *sp.table_lines(s["device"], d["rows"], d["matmul_ceiling_tflops"])]
+            f"({m['cpu_count']} cores, bf16 flags: {', '.join(m['cpu_bf16_matmul_flags']) or 'none'}, matmul ceiling "
+            f"{ceiling} TFLOP/s), {m['threads']} thread(s), torch {m['torch']}, transformers {m['transformers']}, peft "
+            f"{m['peft']}; batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed steps over {s['rounds']} rounds; check: "
+            f"max |ours - peft_grade| {d['check']['max_diff_peft_grade']:.1e}, vs peft_full's grade columns "
+            f"{d['check']['max_diff_peft_full']:.1e}.", "", *sp.table_lines(s["device"], d["rows"], d["matmul_ceiling_tflops"])]
 
 
 def ood_scale():
@@ -77,11 +152,24 @@ def ood_scale():
     s, e = d["settings"], d["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in e["versions"].items() if v)
     return [f"From `bench/results/ood_scale.json`: {e['date'][:10]}, commit {e['git_commit'][:7]}, {e['cpu']} "
-            f"({e['cpu_count']} cores), {e['threads']} thread(s), {versions}; "
+            f"({e['cpu_count']} cores; this run did not record its matmul ceiling: bench/speed.py measured 0.13 fp32 / "
+            f"0.37 bf16 TFLOP/s on the same machine type that day), {e['threads']} thread(s), {versions}; "
             f"dim {s['dim']}, k={s['k']}, {s['queries']:,} queries.", "", *osc.table_lines(d)]
 
 
-BLOCKS = {"main_run": main_run, "ablation": ablation, "speed": speed, "ood_scale": ood_scale}
+def score_memory():
+    path = RES / "score_memory.json"
+    if not path.exists():
+        return missing(path, "python bench/score_memory.py")
+    d = json.loads(path.read_text())
+    return [f"From `{rel(path)}`: {d['machine']}, commit {d['commit']}, chunks of {d['chunk']:,} lines.", "",
+            "| input lines | peak RSS GiB | seconds | pairs/s |", "|---:|---:|---:|---:|",
+            *[f"| {r['lines']:,} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} | {r['pairs_per_s']:,} |" for r in d["rows"]]]
+
+
+BLOCKS = {"main_run": main_run, "sweeps": sweeps, "ood_features": ood_features, "ablation": ablation_rows,
+          "claims": ablation_claims, "rare_shift": rare_shift, "speed": speed, "ood_scale": ood_scale,
+          "score_memory": score_memory}
 PATTERN = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 

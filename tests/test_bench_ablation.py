@@ -1,145 +1,121 @@
-"""bench/ablation.py's bookkeeping on the tiny Gemma and a few real rows: JSON per row, the generated table,
-skipping finished rows, reuse across rows (stage 1, row 5 from row 6), a cut evaluation, stale settings."""
-import importlib.util
+"""bench/ablation.py and bench/rare_shift.py bookkeeping on the tiny Gemma and real rows: rows reuse what
+they continue from, predictions are exported pairable, the intervals and verdicts come from them, finished
+runs are not run again, other settings are refused, and a rare-shift budget's selection is the prefix of
+the largest one's."""
 import json
-import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "bench", "ablation.py")
-TINY = ["--cpu", "--dtype", "float32", "--limit", "60", "--budget", "12", "--max_steps", "2", "--batch_size", "4",
-        "--eval_batch_size", "16", "--max_len", "64", "--k", "3"]
-spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
-ablation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ablation)
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import ablation  # noqa: E402
+import rare_shift  # noqa: E402
+
+TINY = "--cpu --dtype float32 --limit 60 --max_steps 2 --batch_size 4 --eval_batch_size 32 --max_len 64 --k 3"
 
 
-def bench(tmp_path, model, data, *args, extra=TINY):
-    cmd = [sys.executable, SCRIPT, "--data", data, "--model", model, "--out", str(tmp_path / "work"),
-           "--results", str(tmp_path / "res"), "--threads", "1", *args, "--", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+def bench(script, tmp_path, model, data, *args, tiny=TINY):
+    cmd = [sys.executable, str(REPO / "bench" / script), "--data", data, "--results", str(tmp_path / "res" / script[:-3]),
+           "--work", str(tmp_path / "work" / script[:-3]), "--threads", "1", f"--train_args=--model {model} {tiny}",
+           "--test_limit", "200", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 def launched(p):
     return [line for line in p.stdout.splitlines() if line.startswith("$ python train.py")]
 
 
-def table_rows(md):
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    body = []
-    for line in lines[1:]:  # the |---| line is not in lines
-        if line.startswith("| row |"):  # the next table (per run) starts
-            break
-        body.append(dict(zip(head, (c.strip() for c in line.strip("|").split("|")))))
-    return head, body
+@pytest.fixture(scope="module")
+def ran(tiny_gemma, qbqtc2kuake, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    p = bench("ablation.py", tmp, tiny_gemma, qbqtc2kuake, "--rows", "zero_shot,darl,dasa_s2,dasa", "--seeds", "0,1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    return tmp, p
 
 
-def test_rows_json_table_skip_reuse(tiny_gemma, qbqtc2kuake, tmp_path):
-    res, work = tmp_path / "res", tmp_path / "work"
-    t0 = time.time()
-    p = bench(tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "1,3,6", "--seeds", "0")
-    first = time.time() - t0
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.startswith("plan: 4 train.py stage runs (1 x eval, 1 x stage 1, 1 x stage 2, 1 x stage 3)")
-    assert len(launched(p)) == 4
-    files = sorted(os.listdir(res / "ablation"))
-    assert files == ["1_zero_shot_seed0.json", "3_darl_seed0.json", "6_dasa_seed0.json"]
-    d = {r: json.load(open(res / "ablation" / f, encoding="utf-8")) for r, f in zip((1, 3, 6), files)}
-    assert [d[r]["stage"] for r in (1, 3, 6)] == ["eval", "1", "3"]
-    for r in (1, 3, 6):
-        assert d[r]["id_test"]["n"] == d[r]["ood_test"]["n"] == 60 and d[r]["seed"] == 0
-        assert d[r]["config"]["train_args"] == TINY and d[r]["wall_seconds"] > 0 and d[r]["commit"]
-        assert d[r]["splits"] == {"id_train": 60, "id_test": 60, "pool": 60, "ood_test": 60}
-    assert d[1]["ood_report"] is None and d[3]["train"] == {"1": {"rows": 60, "steps": 2, "batch": 4}}
-    assert d[6]["train"] == {"2": {"rows": 12, "steps": 2, "batch": 4}, "3": {"rows": 24, "steps": 2, "batch": 4}}
-    rep = d[6]["ood_report"]
-    assert rep["selected"] == 12 and set(rep["selected_share"]) == {"web", "medical"}
-    # row 6 continued from row 3's stage-1 adapter instead of training its own
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (work / "3_darl_seed0" / "stage1" / f).read_bytes() == (work / "6_dasa_seed0" / "stage1" / f).read_bytes()
-    assert [r["stage"] for r in map(json.loads, open(work / "6_dasa_seed0" / "results.jsonl"))] == ["2", "2", "3", "3"]
-
-    md = (res / "ablation.md").read_text(encoding="utf-8")
-    head, body = table_rows(md)
-    assert head == ["row", "run", "seeds", "ID acc", "ID F1", "ID ECE", "OOD acc", "OOD F1", "OOD ECE", "F1 gap",
-                    "sel. medical", "kNN AUROC", "wall min"]
-    assert [b["row"] for b in body] == ["1", "3", "6"] and all(b["seeds"] == "0" for b in body)
-    assert body[2]["OOD F1"] == f"{d[6]['ood_test']['macro_f1']:.3f}"
-    assert body[2]["F1 gap"] == f"{d[6]['id_test']['macro_f1'] - d[6]['ood_test']['macro_f1']:.3f}"
-    assert body[2]["sel. medical"] == f"{rep['selected_share']['medical']:.3f}"
-    assert body[2]["kNN AUROC"] == f"{rep['knn_test_auroc']:.3f}" and body[0]["kNN AUROC"] == "—"
-    assert "--limit 60" in md and "id_train 60" in md and "DASA budget 12" in md
-    if importlib.util.find_spec("matplotlib"):
-        assert (res / "ablation_f1.png").stat().st_size > 0
-    else:
-        assert "plot skipped: matplotlib is missing" in p.stdout and not (res / "ablation_f1.png").exists()
-
-    # --plan runs nothing; its minutes come from the stages measured so far (rows 3 and 6)
-    p = bench(tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "2,8", "--seeds", "0", "--plan")
-    assert p.returncode == 0, p.stderr
-    minutes = (d[3]["stage_seconds"]["1"] + d[6]["stage_seconds"]["2"] + d[6]["stage_seconds"]["3"]) / 60
-    assert p.stdout.startswith("plan: 3 train.py stage runs (1 x stage 1, 1 x stage 2, 1 x stage 3)")
-    assert f"; estimate {minutes:.3g} min" in p.stdout and "--loss sft" in p.stdout and "--ood_score knn" in p.stdout
-    assert sorted(os.listdir(work)) == ["1_zero_shot_seed0", "3_darl_seed0", "6_dasa_seed0"]
-
-    # a rerun skips every finished row and launches nothing
-    stamps = {f: os.path.getmtime(res / "ablation" / f) for f in files}
-    t0 = time.time()
-    p = bench(tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "1,3,6", "--seeds", "0")
-    assert p.returncode == 0, p.stderr
-    assert launched(p) == [] and all(f"skip row {r} seed 0" in p.stdout for r in (1, 3, 6))
-    assert stamps == {f: os.path.getmtime(res / "ablation" / f) for f in files} and time.time() - t0 < first / 2
-
-    # row 5 is the stage-2 half of row 6: no train.py run
-    p = bench(tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "5", "--seeds", "0")
-    assert p.returncode == 0, p.stderr
-    assert launched(p) == [] and "skip row 3 seed 0" in p.stdout
-    d5 = json.load(open(res / "ablation" / "5_dasa_s2_seed0.json", encoding="utf-8"))
-    stage2 = [r for r in map(json.loads, open(work / "6_dasa_seed0" / "results.jsonl")) if r["stage"] == "2"]
-    assert d5["stage"] == "2" and [d5["id_test"], d5["ood_test"]] == stage2
-    assert d5["stage_seconds"] == {"2": d[6]["stage_seconds"]["2"]} and d5["ood_report"] == rep
-
-    # stage 3 trained but cut before its evaluation: only an eval of its adapter runs, with the same numbers
-    lines = open(work / "6_dasa_seed0" / "results.jsonl").readlines()
-    (work / "6_dasa_seed0" / "results.jsonl").write_text("".join(lines[:2]))
-    os.remove(res / "ablation" / "6_dasa_seed0.json")
-    p = bench(tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "6", "--seeds", "0")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert len(launched(p)) == 1 and "--stage eval" in launched(p)[0] and "--adapter" in launched(p)[0]
-    again = json.load(open(res / "ablation" / "6_dasa_seed0.json", encoding="utf-8"))
-    for split in ("id_test", "ood_test"):
-        assert abs(again[split]["macro_f1"] - d[6][split]["macro_f1"]) < 1e-9
-
-    # --table-only rebuilds the same table from the JSON files, without the train.py arguments
-    os.remove(res / "ablation.md")
-    p = subprocess.run([sys.executable, SCRIPT, "--results", str(res), "--table-only"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    head2, body2 = table_rows((res / "ablation.md").read_text(encoding="utf-8"))
-    assert head2 == head and [b["row"] for b in body2] == ["1", "3", "5", "6"]
-    assert [b["OOD F1"] for b in body2 if b["row"] != "5"] == [b["OOD F1"] for b in body]
-
-    # other settings never mix with finished rows
-    p = bench(tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "1", "--seeds", "0",
-              extra=[a if a != "60" else "50" for a in TINY])
-    assert p.returncode != 0 and "1_zero_shot_seed0.json was made with other settings" in p.stderr
-    assert launched(p) == []
+def test_rows_reuse_stage1_share_an_out_and_export_pairable_predictions(ran):
+    """Catches a row that retrains the stage 1 it continues (DASA rows must start from darl's adapter), a row
+    sharing an OUT that trains again, and predictions scored on other rows than its reference's."""
+    tmp, p = ran
+    res, work = tmp / "res" / "ablation", tmp / "work" / "ablation"
+    cmds = launched(p)
+    assert sum("--stage 1 " in c for c in cmds) == 2  # darl, seeds 0 and 1: nothing else trains a stage 1
+    assert sum("--stage 2 " in c for c in cmds) == 2 and sum("--stage 3 " in c for c in cmds) == 2  # dasa_s2 = dasa's OUT
+    assert sum("--stage eval" in c for c in cmds) == 7  # zero-shot once, three rows x two seeds
+    for seed in (0, 1):
+        a, b = (work / f"{r}_seed{seed}" / "stage1" / "adapter_model.safetensors" for r in ("darl", "dasa"))
+        assert a.read_bytes() == b.read_bytes()
+    recs = {f.stem: json.loads(f.read_text()) for f in res.glob("*_seed*.json")}
+    assert sorted(recs) == ["darl_seed0", "darl_seed1", "dasa_s2_seed0", "dasa_s2_seed1", "dasa_seed0", "dasa_seed1",
+                            "zero_shot_seed0"]
+    assert recs["dasa_s2_seed0"]["stage"] == "2" and recs["dasa_seed0"]["stage"] == "3"
+    hashes = set()
+    for rec in recs.values():
+        assert set(rec["metrics"]) == {"id_dev", "ood_dev", "id_test", "ood_test"}
+        for split in ("id_test", "ood_test"):
+            d = np.load(res / rec["preds"][split])
+            assert d["probs"].dtype == np.float16 and len(d["probs"]) == rec["metrics"][split]["n"]
+            np.testing.assert_allclose(d["probs"].astype(np.float64).argmax(1) == d["labels"],
+                                       d["probs"].argmax(1) == d["labels"])
+            hashes.add((split, str(d["ids_sha256"])))
+    assert len(hashes) == 2  # every row scored on the same id_test rows and the same ood_test rows
 
 
-def test_plan_order_dependencies_and_spread():
-    args = ablation.get_args(["--rows", "6,7", "--seeds", "0,1"])
-    assert ablation.plan(args) == [(3, 0), (6, 0), (7, 0), (3, 1), (6, 1)]  # row 7: first seed only
-    assert ablation.plan(ablation.get_args(["--rows", "2", "--seeds", "1,0"])) == [(2, 1)]
-    assert args.config["train_args"] == ablation.CPU_ARGS
-    assert ablation.get_args(["--full", "--", "--max_steps", "3"]).config["train_args"] == [*ablation.FULL_ARGS, "--max_steps", "3"]
-    assert ablation.get_args(["--", "--limit", "7"]).config["train_args"] == ["--limit", "7"]
-    assert ablation.cell([0.5, 0.6]) == "0.550 ± 0.050" and ablation.cell([0.5]) == "0.500" and ablation.cell([None]) == "—"
+def test_deltas_are_the_bootstrap_of_the_exported_predictions(ran):
+    """Catches a delta computed on unpaired rows or seeds, or a verdict that does not follow its interval."""
+    import darl
+    tmp, _ = ran
+    res = tmp / "res" / "ablation"
+    claims = {(c["row"], c["ref"]): c for c in json.loads((res / "deltas.json").read_text())["claims"]}
+    entry = claims[("dasa", "dasa_s2")]
+    load = lambda name, split: np.load(res / "preds" / f"{name}_{split}.npz")  # noqa: E731
+    a = [load(f"dasa_seed{s}", "ood_test")["probs"].astype(np.float64) for s in (0, 1)]
+    b = [load(f"dasa_s2_seed{s}", "ood_test")["probs"].astype(np.float64) for s in (0, 1)]
+    labels = load("dasa_seed0", "ood_test")["labels"].astype(np.int64)
+    want = darl.paired_bootstrap(a, b, labels, n_boot=1000, groups=load("dasa_seed0", "ood_test")["groups"])
+    got = entry["ood_test_macro_f1"]
+    assert got["seeds"] == [0, 1] and (got["delta"], got["lo"], got["hi"]) == (want["delta"], want["lo"], want["hi"])
+    assert entry["ood_test_verdict"] == ablation.verdict(got, 1)
 
 
-def test_refuses_row_arguments_after_the_separator():
-    p = subprocess.run([sys.executable, SCRIPT, "--plan", "--", "--loss", "sft"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode != 0 and "--loss after -- is set by the bench itself" in p.stderr
+def test_verdict_follows_the_interval():
+    """Catches a verdict that reads the point estimate instead of the interval, or ignores the claimed sign."""
+    assert ablation.verdict({"lo": 0.01, "hi": 0.05}, 1) == "reproduced"
+    assert ablation.verdict({"lo": -0.01, "hi": 0.05}, 1) == "inconclusive"
+    assert ablation.verdict({"lo": -0.05, "hi": -0.01}, 1) == "contradicted"
+    assert ablation.verdict({"lo": -0.05, "hi": -0.01}, -1) == "reproduced"
+    assert ablation.verdict({"lo": 0.01, "hi": 0.05}, None) == "—" and ablation.verdict(None, 1) == "not run"
+
+
+def test_finished_rows_are_not_rerun_and_other_settings_are_refused(ran, tiny_gemma, qbqtc2kuake):
+    """Catches a rerun that repeats hours of finished work, and a table mixing runs made with other settings."""
+    tmp, _ = ran
+    p = bench("ablation.py", tmp, tiny_gemma, qbqtc2kuake, "--rows", "zero_shot,darl,dasa_s2,dasa", "--seeds", "0,1")
+    assert p.returncode == 0 and launched(p) == [], p.stdout[-2000:] + p.stderr
+    p = bench("ablation.py", tmp, tiny_gemma, qbqtc2kuake, "--rows", "darl", "--seeds", "0", tiny=TINY.replace("60", "50"))
+    assert p.returncode != 0 and "was made with other settings" in p.stderr and launched(p) == []
+
+
+def test_rare_shift_pools_and_prefix_selections(ran, tiny_gemma, qbqtc2kuake):
+    """Catches pool variants with other web rows or the wrong medical count, and a small budget whose
+    selection is not the prefix of the largest budget's (the features are computed once per pool)."""
+    tmp, _ = ran
+    p = bench("rare_shift.py", tmp, tiny_gemma, qbqtc2kuake, "--cut", "--seeds", "0")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    work = tmp / "work" / "rare_shift"
+    pools = {s: [json.loads(x) for x in open(work / f"data_med{s}" / "pool.jsonl", encoding="utf-8")] for s in (3, 25)}
+    web = {s: [r["id"] for r in rows if r["domain"] == "web"] for s, rows in pools.items()}
+    assert web[3] == web[25] and len(web[3]) == 750
+    assert [sum(r["domain"] == "medical" for r in pools[s]) for s in (3, 25)] == [23, 250]
+    for sel in ("dasa", "random"):
+        for share in (3, 25):
+            small, big = (open(work / f"med{share}_b{b}_{sel}_seed0" / "stage2" / "dasa_selected.jsonl").read().splitlines()
+                          for b in (50, 200))
+            assert len(small) == 50 and small == big[:50] and len(big) > 50
+    assert sum(("--stage 1 " in c) for c in launched(p)) == 0  # stage 1 = the ablation's darl row, already there
+    table = (tmp / "res" / "rare_shift.md").read_text()
+    assert table.count("| 3% |") == 2 and table.count("| 25% |") == 2
