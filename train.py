@@ -429,20 +429,46 @@ def get_args(argv=None):
     a("--limit", type=int, default=None, help=f"cap id_train and pool at N rows (seeded); default {CPU_LIMIT} on CPU, none on GPU; 0: no cap")
     a("--eval_limit", type=int, default=None, help=f"cap each dev and test split at N rows (fixed seed); default {CPU_LIMIT} on CPU, none on GPU; 0: no cap")
     a("--eval_on", default=",".join(EVAL_SPLITS), help="splits scored after each stage (those the data has; '': none)")
-    a("--budget", type=int, default=None, help="DASA annotation budget in pool rows (default: a fifth of the pool)")
-    a("--max_steps", type=int, default=None, help="steps per training stage (default: from the epochs)")
-    a("--epochs", type=float, default=4.0, help="stage 1 (lpft: stage 2) epochs")
-    a("--dasa_epochs", type=float, default=2.0, help="darl stages 2 and 3: epochs over their rows")
+    a("--adapter", help="--stage eval/score: a stage dir (eval without it: zero-shot)")
+    a("--input", help="--stage score: JSONL with query and item per line")
+    a("--output", help="--stage score: where to write the scored JSONL")
+    a("--score_chunk", type=int, default=4096, help="--stage score: rows read, scored and written at a time")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    a("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    a("--log_every", type=int, default=10)
+    a("--ckpt_every", type=int, default=50)
+    add_method_args(p)
+    args = p.parse_args(argv)
+    if args.stage == "score" and not (args.adapter and args.input and args.output):
+        p.error("--stage score needs --adapter, --input and --output")
+    args.eval_on = [s for s in args.eval_on.split(",") if s]  # "": none
+    if bad := sorted(set(args.eval_on) - set(EVAL_SPLITS)):
+        p.error(f"--eval_on: {bad} not among {', '.join(EVAL_SPLITS)}")
+    args.alphas = [float(x) for x in args.alphas.split(",")]
+    if not all(0 <= x <= 1 for x in args.alphas):
+        p.error(f"--alphas: {args.alphas} must lie in [0, 1]")
+    if args.select == "none" and args.schedule != "lpft":
+        p.error("--select none: only with --schedule lpft (darl stages 2 and 3 train on the selected rows)")
+    return args
+
+
+def add_method_args(p):
+    """The arguments of the method itself: loss, DASA, the stages' schedule, optimizer and LoRA."""
+    a = p.add_argument
     a("--loss", default="darl", choices=["darl", "sft"])
     a("--class_weight", default="balanced", choices=["balanced", "none"], help="weight rows by grade (both losses)")
     a("--ordinal_weight", type=float, default=None, help="default: darl_loss's own")
     a("--calibration_weight", type=float, default=None, help="default: darl_loss's own")
+    a("--budget", type=int, default=None, help="DASA annotation budget in pool rows (default: a fifth of the pool)")
     a("--ood_score", default="coverage", choices=ood.SCORES)
     a("--select", default="dasa", choices=["dasa", "random", "none"], help="none: no pool rows (lpft only)")
     a("--k", type=int, default=10)
     a("--max_per_query", type=int, default=3, help="DASA: at most this many selected rows per query")
     a("--layer", type=int, default=None, help="feature layer (default: ood.extract_features' own)")
     a("--pooling", default=None, choices=["last", "mean"])
+    a("--epochs", type=float, default=4.0, help="stage 1 (lpft: stage 2) epochs")
+    a("--max_steps", type=int, default=None, help="steps per training stage (default: from the epochs)")
+    a("--dasa_epochs", type=float, default=2.0, help="darl stages 2 and 3: epochs over their rows")
     a("--stage3_from", type=int, default=2, choices=[1, 2])
     a("--replay", type=float, default=1.0, help="darl stage 3: id_train replay rows per selected row")
     a("--dasa_lr_scale", type=float, default=0.2, help="darl stages 2 and 3: learning rate = --lr times this")
@@ -461,26 +487,6 @@ def get_args(argv=None):
     a("--lora_alpha", type=float, default=16)
     a("--lora_dropout", type=float, default=0.0)
     a("--grad_ckpt", action="store_true", help="activation checkpointing (less memory, ~30%% more compute)")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    a("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    a("--log_every", type=int, default=10)
-    a("--ckpt_every", type=int, default=50)
-    a("--adapter", help="--stage eval/score: a stage dir (eval without it: zero-shot)")
-    a("--input", help="--stage score: JSONL with query and item per line")
-    a("--output", help="--stage score: where to write the scored JSONL")
-    a("--score_chunk", type=int, default=4096, help="--stage score: rows read, scored and written at a time")
-    args = p.parse_args(argv)
-    if args.stage == "score" and not (args.adapter and args.input and args.output):
-        p.error("--stage score needs --adapter, --input and --output")
-    args.eval_on = [s for s in args.eval_on.split(",") if s]  # "": none
-    if bad := sorted(set(args.eval_on) - set(EVAL_SPLITS)):
-        p.error(f"--eval_on: {bad} not among {', '.join(EVAL_SPLITS)}")
-    args.alphas = [float(x) for x in args.alphas.split(",")]
-    if not all(0 <= x <= 1 for x in args.alphas):
-        p.error(f"--alphas: {args.alphas} must lie in [0, 1]")
-    if args.select == "none" and args.schedule != "lpft":
-        p.error("--select none: only with --schedule lpft (darl stages 2 and 3 train on the selected rows)")
-    return args
 
 
 def resolve_defaults(args, rt):

@@ -6,8 +6,8 @@ id_dev and ood_dev only (the test splits are never read here), resumable run by 
         --grid dasa_lr_scale=0.1,0.2,0.5 --seeds 0
     python bench/sweep.py stage1 --table                     # the table again from the results file
 
-Each run's OUT is out/sweeps/NAME/<config>_seed<k>; every finished (config, seed, stage) appends one line
-per dev split to bench/results/sweeps/NAME.jsonl (metrics, `scored_on`, minutes, machine, commit), and a
+Each run's OUT is out/sweeps/NAME/<config>_seed<k>; the last of --stages is scored, and appends one line
+per dev split to bench/results/sweeps/NAME.jsonl (metrics, `scored_on`, minutes, machine, commit); a
 finished line is never run again. Arguments after `--` go to every train.py call (e.g. --limit).
 With --stage1_from (a run dir holding stage1/, {seed} filled in), runs start from that adapter; and when
 the grid changes nothing the DASA selection depends on, the first run's selection is copied to the
@@ -80,13 +80,16 @@ def run(args, config, seed, mach):
     grid_args = [a for k, v in config.items() for a in (f"--{k}", v)]
     for stage in args.stages:
         key = (tuple(sorted(config.items())), seed, stage)
-        if key in done(args):
+        if key in done(args) or (out / f"stage{stage}" / "darl_config.json").exists() and stage != args.stages[-1]:
             continue
-        cmd = ["--stage", stage, "--out", rel(out), "--seed", str(seed), "--resume", "--eval_on", ",".join(DEV),
+        evals = ",".join(DEV) if stage == args.stages[-1] else ""  # only the last stage is scored: it is what is chosen
+        cmd = ["--stage", stage, "--out", rel(out), "--seed", str(seed), "--resume", "--eval_on", evals,
                *grid_args, *args.extra]
         rc, seconds, _ = run_train(cmd, threads=args.threads)
         if rc != 0:
             sys.exit(f"error: train.py failed (exit {rc}) in {out}; see {out / 'log.txt'}; rerun to continue")
+        if not evals:
+            continue
         lines = [r for r in read_jsonl(out / "results.jsonl") if r["stage"] == stage and r["split"] in DEV]
         for r in lines[-len(DEV):]:
             append_jsonl(args.results, {
