@@ -4,6 +4,7 @@
     python tests/mutations.py --only ece,knn  # mutations whose name contains one of these (no file written)
     python tests/mutations.py --only ood.py   # the mutations of one runtime file
     python tests/mutations.py --skip tests/test_train.py   # a quick pass without the end-to-end tests
+    python tests/mutations.py --head          # the committed files, whatever the working tree holds
     python tests/mutations.py --list          # names, files and test files only
 
 Copies the repository's files (tracked, plus untracked ones git does not ignore) into a temporary directory,
@@ -196,23 +197,30 @@ TIMEOUT = {"tests/test_train.py": 2400}  # seconds for a set containing this fil
 DEFAULT_TIMEOUT = 600
 
 
-def check_targets(mutations):
-    """Every `old` occurs exactly once in its file and differs from `new`; stop loudly otherwise."""
+def check_targets(mutations, base=ROOT):
+    """Every `old` occurs exactly once in its file under `base` and differs from `new`; stop loudly otherwise."""
     bad = []
     for name, file, old, new, tests in mutations:
-        n = (ROOT / file).read_text(encoding="utf-8").count(old)
+        n = (base / file).read_text(encoding="utf-8").count(old)
         if n != 1 or old == new:
             bad.append(f"  {name!r}: {file} contains the target {n} times (needs exactly 1): {old!r}")
         for t in tests:
-            if not (ROOT / t).exists():
+            if not (base / t).exists():
                 bad.append(f"  {name!r}: test file {t} does not exist")
     if bad:
         sys.exit("mutations.py: stale mutation targets (update MUTATIONS to the current code):\n" + "\n".join(bad))
 
 
-def copy_repo(dst):
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+def copy_repo(dst, head=False):
+    """The working tree's files (tracked, and untracked ones git does not ignore), or with head=True the files as
+    committed at HEAD (a report that others can reproduce while the working tree is being edited)."""
+    if head:
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
+        files = []
+    else:
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               check=True, capture_output=True).stdout.decode().split("\0")
     for f in filter(None, files):
         src = ROOT / f
         if src.is_file():
@@ -252,10 +260,12 @@ def main():
                     "(no report file is written)")
     ap.add_argument("--skip", default="", help="comma-separated test files to leave out (e.g. tests/test_train.py "
                     "for a quick pass; mutations left with no test file are dropped; no report file is written)")
+    ap.add_argument("--head", action="store_true", help="test the files as committed at HEAD, not the working tree")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "tests" / "mutations.txt"), help="report file (full runs only)")
     args = ap.parse_args()
-    check_targets(MUTATIONS)
+    if not args.head:
+        check_targets(MUTATIONS)
     todo = MUTATIONS
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",")]
@@ -274,7 +284,8 @@ def main():
     lines = []
     with tempfile.TemporaryDirectory(prefix="darl_mutations_") as tmp:
         work = Path(tmp)
-        copy_repo(work)
+        copy_repo(work, head=args.head)
+        check_targets(todo, work)
         baseline = {}  # per test file, unmutated
         for t in sorted({t for m in todo for t in m[4]}):
             status, test, sec = run_tests(work, [t], TIMEOUT.get(t, DEFAULT_TIMEOUT))
@@ -302,7 +313,9 @@ def main():
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     counts = {v: sum(x.startswith(v) for x in lines) for v in ("CAUGHT", "MISSED", "TIMEOUT", "BASELINE-FAILS")}
-    report = [f"# python tests/mutations.py at {head}" + (" (working tree differs from HEAD)" if dirty else "")
+    tree = "the files committed at" if args.head else "the working tree at"
+    report = [f"# python tests/mutations.py{' --head' if args.head else ''}: {tree} {head}"
+              + (" (which differs from HEAD)" if dirty and not args.head else "")
               + f", {time.strftime('%Y-%m-%d')}",
               "# " + ", ".join(f"{v} {n}" for v, n in counts.items() if n) + f" of {len(lines)} mutations",
               "# baseline (unmutated): " + "; ".join(f"{t} {s}" for t, s in sorted(baseline.items())),
