@@ -118,6 +118,10 @@ MUTATIONS = [
      OOD),
     ("features: first content token for 'last'", "ood.py", "last = (content * positions).argmax(1)",
      "last = content.argmax(1)", OOD),
+    ("features: negative layer off by one", "ood.py", "layer = model.args.n_layers + layer if",
+     "layer = model.args.n_layers + layer + 1 if", OOD),
+    ("features returned in length order", "ood.py", "        for j, i in enumerate(idx):\n            out[i] = pooled[j]",
+     "        for j, i in enumerate(idx):\n            out[s + j] = pooled[j]", OOD),
     ("FPR@TPR strict threshold", "ood.py", "return float((id_s >= ood_s[k]).mean())",
      "return float((id_s > ood_s[k]).mean())", OOD),
     # ---- model.py

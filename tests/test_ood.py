@@ -321,8 +321,13 @@ def _examples(n=11, seed=0):
     return out
 
 
-@pytest.mark.parametrize("layer,pooling", [(2, "last"), (2, "mean"), (None, "mean"), (None, "last")])
+@pytest.mark.parametrize("layer,pooling", [(2, "last"), (2, "mean"), (None, "mean"), (None, "last"), (-1, "last"),
+                                           (-3, "mean")])
 def test_extract_features_matches_transformers_hidden_states(tmp_path, monkeypatch, layer, pooling):
+    """Features == transformers' hidden_states at the layer (k: after block k; -k: after block n - k; None: final,
+    normed), pooled over the content tokens of each row run alone. Catches pooling over template or padding
+    tokens, the layer off by one, a negative layer counted from the wrong end, rows returned in length order,
+    and blocks (or the logits) run past `layer`."""
     hf, model = small_hf_gemma(tmp_path)
     examples = _examples()
 
@@ -330,14 +335,14 @@ def test_extract_features_matches_transformers_hidden_states(tmp_path, monkeypat
         raise AssertionError("extract_features built logits or ran a block after `layer`")
     monkeypatch.setattr(model, "logits", must_not_run)
     if layer is not None:
-        model.layers[layer].register_forward_pre_hook(must_not_run)
+        model.layers[layer % 4].register_forward_pre_hook(must_not_run)
     feats = ood.extract_features(model, examples, pad_id=0, layer=layer, pooling=pooling, batch_size=4)
     assert feats.dtype == torch.float32 and feats.shape == (11, 64) and feats.device.type == "cpu"
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(11))
     for i, (ids, content) in enumerate(examples):  # one at a time through transformers, input order
         with torch.no_grad():
             hs = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-        h = hs[-1 if layer is None else layer][0]
+        h = hs[-1 if layer is None else layer % 4][0]  # 4 blocks: -1 = after block 3, -3 = after block 1
         c = torch.tensor(content, dtype=torch.bool)
         ref = h[c].mean(0) if pooling == "mean" else h[c][-1]
         torch.testing.assert_close(feats[i], torch.nn.functional.normalize(ref, dim=0), atol=2e-5, rtol=1e-4)
