@@ -5,7 +5,7 @@ token times the C grade rows of the output head) -> `darl_loss` / `expected_grad
 DaRL: Liu et al., "Boosting LLM-based Relevance Modeling with Distribution-Aware Robust Learning",
 CIKM 2024 (arXiv 2412.12504).
 The paper's abstract names a loss that sharpens fine-grained grades but not its formula; `darl_loss`
-is our choice and documents it. Runtime needs only torch and numpy.
+is our choice and documents it. Runtime needs torch, numpy and safetensors (the grade head file).
 """
 import json
 import math
