@@ -111,6 +111,12 @@ def collate(examples, pad_id, multiple=PAD_MULTIPLE):
     return dict(input_ids=input_ids, attention_mask=attention_mask, content_mask=content_mask)
 
 
+def sorted_chunks(idx, lengths, size):
+    """idx sorted by length, cut into chunks of `size`: batches with little padding and few shapes."""
+    idx = sorted(idx, key=lambda i: lengths[i])
+    return [idx[s:s + size] for s in range(0, len(idx), size)]
+
+
 def answer_hidden(model, input_ids, attention_mask):
     """Final hidden state at the last real token of each right-padded row (the answer position).
     A left-padded batch is refused: its last real token is not at mask.sum() - 1."""

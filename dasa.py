@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import ood
-from dataset import DataError, read_annotations, read_jsonl, write_annotation_file, write_jsonl
+from dataset import DataError, read_annotations, read_jsonl, write_annotation_file, write_json, write_jsonl
 
 
 def features_with_progress(judge, data, splits, rt):
@@ -78,8 +78,7 @@ def make_selection(judge, data, args, rt):
     report |= shift_report(pool, scores, idx)
     rt.log("DASA: " + json.dumps(report))
     if rt.main:
-        with open(os.path.join(selection_dir(args), "ood_report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(os.path.join(selection_dir(args), "ood_report.json"), report)
         write_jsonl(os.path.join(selection_dir(args), "dasa_selected.jsonl"),
                     [{"id": pool[i]["id"], "score": float(scores[i]), **({"domain": pool[i]["domain"]} if "domain" in pool[i] else {})}
                      for i in idx])

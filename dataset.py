@@ -7,6 +7,7 @@ kept). Dev splits choose settings, test splits only report. DASA's annotation ro
 selected rows with empty labels out, the labelled copy back in) uses the same reader.
 """
 import collections
+import contextlib
 import json
 import os
 import random
@@ -41,13 +42,25 @@ def read_jsonl(path):
             yield where, obj
 
 
-def write_jsonl(path, rows):
-    """One JSON object per line, through a temporary file: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`, moved onto it when the block ends without an error: readers (and
+    a run resumed after a kill) never see half a file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    yield tmp
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
 
 
 def check_label(where, label, n_grades):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import darl
 import ood
-from dataset import DataError, check_row, load_meta, read_jsonl
+from dataset import DataError, atomic_path, check_row, load_meta, read_jsonl, write_json
 from model import Tokenizer, Transformer, add_lora, load_adapter, save_adapter
 
 CONFIG_FILE = "darl_config.json"  # written last into a stage dir: its presence marks the stage finished
@@ -87,8 +87,8 @@ def cpu_has_bf16_units():
 
 
 def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -128,10 +128,8 @@ class Judge:
             save_adapter(self.model, directory)
         if self.head is not None:
             self.head.save(directory)
-        config = {**self.spec, "grade_token_ids": self.grade_ids.tolist(), "base_model": self.base_identity()}
-        with open(os.path.join(directory, CONFIG_FILE + ".tmp"), "w", encoding="utf-8") as f:
-            json.dump(config, f, ensure_ascii=False, indent=1)
-        os.replace(os.path.join(directory, CONFIG_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE))
+        write_json(os.path.join(directory, CONFIG_FILE),
+                   {**self.spec, "grade_token_ids": self.grade_ids.tolist(), "base_model": self.base_identity()})
 
     def load(self, directory):
         """LoRA and head of a stage dir (a plain PEFT dir works too); another base model is an error."""
@@ -146,7 +144,7 @@ class Judge:
 
     def batches(self, examples, idx):
         """Length-sorted batches over the examples at idx (padding waste and shape count stay small)."""
-        for part in sorted_chunks(idx, [len(e[0]) for e in examples], self.args.eval_batch_size):
+        for part in darl.sorted_chunks(idx, [len(e[0]) for e in examples], self.args.eval_batch_size):
             batch = darl.collate([examples[i] for i in part], self.tok.pad_id)
             yield part, {k: v.to(self.rt.device) for k, v in batch.items()}
 
@@ -181,12 +179,6 @@ class Judge:
         feats = ood.extract_features(self.model, [examples[i] for i in mine], self.tok.pad_id, layer=self.args.layer,
                                      pooling=self.args.pooling, batch_size=self.args.eval_batch_size)
         return self.rt.gather(feats)
-
-
-def sorted_chunks(idx, lengths, size):
-    """idx sorted by length, cut into chunks of `size`: batches with little padding and few shapes."""
-    idx = sorted(idx, key=lambda i: lengths[i])
-    return [idx[s:s + size] for s in range(0, len(idx), size)]
 
 
 def read_adapter_config(directory):
@@ -229,10 +221,9 @@ def append_results(args, rt, results):
 def save_predictions(path, rows, probs):
     """ids, labels, groups (query) and float32 probabilities of one evaluated split, row for row."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, ids=np.array([str(r["id"]) for r in rows]), labels=np.array([r["label"] for r in rows]),
                  groups=np.array([r.get("group", r["query"]) for r in rows]), probs=probs.float().numpy())
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- score and eval

@@ -10,7 +10,7 @@ neighbours. Both are here (`mahalanobis_score`, `knn_score`, and their rank mean
 import numpy as np
 import torch
 
-from darl import auroc, collate  # noqa: F401 (auroc: ood.auroc(id_scores, ood_scores), ID negative)
+from darl import auroc, collate, sorted_chunks  # noqa: F401 (auroc: ood.auroc(id_scores, ood_scores), ID negative)
 
 # Chosen on the dev splits by bench/ood_features.py (README, "Which split chose what"): with coverage_score,
 # the last content token after block 17 of Gemma 3 270M's 18 (n - 1) found the most shifted rows of the
@@ -36,10 +36,8 @@ def extract_features(model, examples, pad_id, layer=DEFAULT_LAYER, pooling=DEFAU
         if not any(content):
             raise ValueError(f"example {i}: no query or item tokens to pool over")
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     out = [None] * len(examples)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in sorted_chunks(range(len(examples)), [len(ids) for ids, _ in examples], batch_size):
         batch = collate([examples[i] for i in idx], pad_id)
         hidden = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), stop_at=layer).float()
         content = batch["content_mask"].to(device)

@@ -49,7 +49,7 @@ import torch.distributed as dist
 import darl
 import ood
 from dasa import select
-from dataset import DEV_SEED, EVAL_SPLITS, DataError, load_meta, load_splits, read_jsonl, subsample
+from dataset import DEV_SEED, EVAL_SPLITS, DataError, load_meta, load_splits, read_jsonl, subsample, write_json
 from judge import CONFIG_FILE, Judge, Runtime, adapter_spec, append_results, atomic_save, evaluate, score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -362,9 +362,7 @@ def check_run_config(args, rt):
                 raise DataError(f"{path}: --{key} is {now[key]!r} now, but this OUT was made with {old.get(key)!r}; "
                                 "rerun with that value, or choose another --out (copy OUT/stageN there to start from a finished stage)")
     elif rt.main:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(now, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, now)
 
 
 def stage_dir(args, stage, rt):
