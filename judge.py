@@ -69,11 +69,11 @@ class Runtime:
         dist.all_gather_object(parts, part.cpu())
         return torch.cat(parts)
 
-    def announce_total(self, train_tps):
-        """Once, after the first logged steps: the ETA of everything this run has left to do."""
+    def announce_total(self, train_tps, trained):
+        """Once, after the first logged steps (`trained` tokens so far): the ETA of all this run has left."""
         if self.work_left is None or self.forward_tps is None:
             return
-        train, forward = self.work_left
+        train, forward = self.work_left[0] - trained, self.work_left[1]
         minutes = (train / train_tps + forward / self.forward_tps) / 60
         self.log(f"whole run: about {minutes:.0f} min left ({train:,} training tokens at {train_tps:,.0f} tok/s, "
                  f"{forward:,} forward-only tokens at {self.forward_tps:,.0f} tok/s); on a slow CPU pass --limit N")

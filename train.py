@@ -193,7 +193,7 @@ def fit(judge, rows, out_dir, lr, epochs, args, rt):
             tps = tokens / (time.time() - t0)
             rt.log(f"step {step}/{steps} loss {loss.item():.4f} lr {lr_at(step - 1, steps, warmup, lr):.2e} {tps:,.0f} tok/s "
                    f"eta {(time.time() - t0) / (step - start) * (steps - step) / 60:.1f} min")
-            rt.announce_total(tps)
+            rt.announce_total(tps, tokens)
         if step % args.ckpt_every == 0 and step < steps:
             save_checkpoint(ckpt, params, opt, step, rt)
     finish_stage(judge, out_dir, rt, ckpt)
