@@ -329,8 +329,10 @@ def paired_bootstrap(a, b, labels, metric="macro_f1", groups=None, n_boot=1000, 
         if groups is None:
             raise ValueError("ndcg@10 needs groups (each row's query): the query is its resampling unit")
         per_query = [[_ndcg_per_query(expected_grade(np.asarray(p, np.float64)), y, groups) for p in side] for side in (a, b)]
-        stat = lambda s, idx: np.nanmean(per_query[0][s][idx]) - np.nanmean(per_query[1][s][idx])  # noqa: E731
-        n_units = len(per_query[0][0])
+        defined = ~np.isnan(per_query[0][0])  # the same queries for every prediction: NaN = fewer than 2 rows or none relevant
+        per_query = [[v[defined] for v in side] for side in per_query]
+        stat = lambda s, idx: per_query[0][s][idx].mean() - per_query[1][s][idx].mean()  # noqa: E731
+        n_units = int(defined.sum())
     else:
         a, b, fn = [np.asarray(p, np.float64) for p in a], [np.asarray(p, np.float64) for p in b], METRICS[metric]
         stat = lambda s, idx: fn(a[s][idx], y[idx]) - fn(b[s][idx], y[idx])  # noqa: E731

@@ -201,7 +201,8 @@ def evaluate(judge, data, stage, args, rt):
     for split in [s for s in args.eval_on if s in data]:
         rows, t0 = data[split], time.time()
         probs = judge.predict(rows)
-        m = darl.relevance_metrics(probs, torch.tensor([r["label"] for r in rows]), queries=[r["query"] for r in rows])
+        groups = [r.get("group", r["query"]) for r in rows]  # the query unit of NDCG, as saved for the bootstrap
+        m = darl.relevance_metrics(probs, torch.tensor([r["label"] for r in rows]), queries=groups)
         results.append({"stage": stage, "split": split, **m, "eval_seconds": round(time.time() - t0, 1)})
         rt.log(f"stage {stage} {split}: n={m['n']} acc={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f} ece={m['ece']:.4f}")
         if rt.main:

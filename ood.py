@@ -123,10 +123,14 @@ def mahalanobis_score(bank, bank_labels, queries, shrinkage=0.1):
 
 
 def rank_mean(*scores):
-    """Mean of each score's rank in [0, 1] over the same rows: combines scores on different scales
-    (Mahalanobis distances and kNN distances) without a weight to tune."""
-    ranks = [torch.as_tensor(s).double().argsort().argsort().double() / max(1, len(s) - 1) for s in scores]
-    return torch.stack(ranks).mean(0).float()
+    """Mean of each score's rank in [0, 1] over the same rows (ties share their average rank): combines
+    scores on different scales (Mahalanobis distances and kNN distances) without a weight to tune."""
+    ranks = []
+    for score in scores:
+        _, inverse, counts = np.unique(np.asarray(score, np.float64), return_inverse=True, return_counts=True)
+        average = np.cumsum(counts) - (counts + 1) / 2.0  # 0-based rank, averaged over ties
+        ranks.append(average[inverse.ravel()] / max(1, len(inverse) - 1))
+    return torch.tensor(np.mean(ranks, axis=0), dtype=torch.float32)
 
 
 def pool_scores(name, bank, pool, k=10, bank_labels=None):

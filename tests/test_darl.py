@@ -456,6 +456,20 @@ def test_paired_bootstrap_ndcg_resamples_queries(monkeypatch):
         darl.paired_bootstrap(a, b, y, metric="ndcg@10")
 
 
+def test_paired_bootstrap_ndcg_leaves_out_queries_without_an_ndcg():
+    """Queries with one row or no relevant row have no NDCG: they must not be resampling units (a draw of
+    only such queries made the interval NaN). With them added, the interval equals the one without them
+    in distribution: same point estimate, finite bounds inside the range of the defined queries' deltas."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(["qa", "qb", "qc", "qd", "qe"], [3, 3, 1, 3, 2])
+    y = np.array([2, 0, 1, 1, 0, 2, 1, 2, 1, 0, 0, 0])  # qc: one row; qe: nothing relevant
+    a, b = [rng.dirichlet(np.ones(3), size=12)], [rng.dirichlet(np.ones(3), size=12)]
+    out = darl.paired_bootstrap(a, b, y, metric="ndcg@10", groups=list(groups), n_boot=500)
+    keep = ~np.isin(groups, ["qc", "qe"])
+    ref = darl.paired_bootstrap([a[0][keep]], [b[0][keep]], y[keep], metric="ndcg@10", groups=list(groups[keep]), n_boot=500)
+    assert np.isfinite([out["lo"], out["hi"]]).all() and out == ref
+
+
 @pytest.mark.parametrize("metric", ["macro_f1", "accuracy", "ece", "ndcg@10"])
 def test_paired_bootstrap_of_a_system_against_itself_is_zero(metric):
     """a == b: every paired resample gives exactly 0. Catches any unpairing (rows or seeds drawn apart for b)."""

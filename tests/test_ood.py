@@ -171,6 +171,14 @@ def test_rank_mean_equals_brute_force_ranks():
     np.testing.assert_allclose(ood.rank_mean(a).numpy(), np.argsort(np.argsort(a)) / 36, atol=1e-6)
 
 
+def test_rank_mean_gives_ties_their_average_rank():
+    """Catches tied scores ranked in arbitrary order (argsort of argsort): equal scores must get equal ranks,
+    so the combination does not depend on row order (Mahalanobis ties are common on duplicate rows)."""
+    np.testing.assert_allclose(ood.rank_mean(np.array([1.0, 1.0, 2.0])).numpy(), [0.25, 0.25, 1.0])
+    s = np.array([3.0, 1.0, 3.0, 2.0, 3.0])
+    np.testing.assert_allclose(ood.rank_mean(s).numpy(), [0.75, 0.0, 0.75, 0.25, 0.75])
+
+
 def test_pool_scores_dispatches_each_name_to_its_score():
     """Each name against an independent reference (brute-force k-th distances, a numpy Mahalanobis, brute-force
     ranks); an unknown name is an error. Catches a name wired to the wrong score (knn returning coverage),

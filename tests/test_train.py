@@ -170,6 +170,59 @@ def test_train_step_gradient_is_the_batch_mean_under_any_micro_batching(tiny_gem
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_fit_clips_the_gradient_norm_before_each_update(tiny_gemma, qbqtc2kuake, tmp_path, monkeypatch):
+    """Catches clipping dropped or applied after the update (AdamW's scale invariance hides it from the
+    end-to-end runs): at every optimizer step the gradient norm is at most --grad_clip."""
+    args, rt, judge, data = tiny_judge(tiny_gemma, qbqtc2kuake, tmp_path / "out", "--grad_clip", "1e-4", "--max_steps", "3")
+    judge.new_lora()
+    norms, step = [], torch.optim.AdamW.step
+
+    def recording_step(opt, *a, **k):
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"]])))
+        return step(opt, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    os.makedirs(tmp_path / "out" / "stage1")
+    train.fit(judge, data["id_train"][:40], str(tmp_path / "out" / "stage1"), 1e-3, 1, args, rt)
+    assert len(norms) == 3 and all(n <= 1e-4 * (1 + 1e-5) for n in norms), norms
+
+
+DDP_STEP = """
+import sys, torch, train, judge as J
+args = train.get_args(sys.argv[1:])
+rt = J.Runtime(args)
+train.resolve_defaults(args, rt)
+meta = train.load_meta(args.data)
+jd = J.Judge(args, rt, {"grades": meta["grades"], "prompt": meta["prompt"], "verbalizer": meta["verbalizer"], "max_len": 64})
+rows = train.load_data(args, rt, 3)["id_train"][:6]
+jd.new_lora()
+torch.manual_seed(1)
+for p in jd.trainable():
+    p.data.normal_(0, 0.05)
+train.train_step(jd, jd.encode(rows), torch.tensor([r["label"] for r in rows]), None, list(range(6)), jd.trainable(), args, rt)
+if rt.main:
+    torch.save([p.grad for p in jd.trainable()], args.out + "/grads.pt")
+"""
+
+
+def test_data_parallel_gradient_is_the_one_process_gradient(tiny_gemma, qbqtc2kuake, tmp_path):
+    """Catches per-rank gradients averaged instead of summed (each rank's loss is already scaled by its share of
+    the global batch), or ranks that score overlapping rows: the summed gradient of 2 ranks over 6 rows (3 + 3)
+    equals 1 process's over the same 6."""
+    script = tmp_path / "step.py"
+    script.write_text(DDP_STEP)
+    common = [str(script), "--stage", "1", "--model", tiny_gemma, "--data", qbqtc2kuake, *FAST]
+    got = {}
+    for n, launcher in ((1, [sys.executable]), (2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                    "--master_port", "29533"])):
+        out = tmp_path / f"p{n}"
+        p = subprocess.run([*launcher, *common, "--out", str(out)], env=ENV, cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        got[n] = torch.load(out / "grads.pt", weights_only=True)
+    for a, b in zip(got[1], got[2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_grad_checkpointing_gives_the_same_gradient(tiny_gemma, qbqtc2kuake, tmp_path):
     """Catches --grad_ckpt changing the math (e.g. recomputing a block with other inputs or dropping a layer)."""
     args, rt, judge, data = tiny_judge(tiny_gemma, qbqtc2kuake, tmp_path / "out")
