@@ -55,7 +55,7 @@ def encode_pair(tokenizer, query, item, template=DEFAULT_PROMPT, max_len=128):
     exactly and the item can be cut in tokens; the whole string tokenized at once may split a
     slot boundary differently, but training, scoring and feature extraction all use this one
     function, so they agree. Only the first piece starts the string: a tokenizer with a dummy prefix
-    (Llama 2, Mistral v0.1) puts its space there alone, as on the whole string (model.Tokenizer.encode).
+    (Llama 2, Mistral v0.1) puts its space there alone, as on the whole string (tokenizer.Tokenizer.encode).
     Over max_len the item is cut from its end first, then the query; the template, and so the
     answer position, is never cut.
     """

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import darl
 import ood
 from dataset import DataError, atomic_path, check_row, load_meta, read_jsonl, write_json
-from model import Tokenizer, Transformer, add_lora, load_adapter, save_adapter
+from model import Transformer, add_lora, load_adapter, save_adapter
+from tokenizer import Tokenizer
 
 CONFIG_FILE = "darl_config.json"  # written last into a stage dir: its presence marks the stage finished
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import darl  # noqa: E402
 from common import git_commit, machine, machine_line, now  # noqa: E402
 import model as model_lib  # noqa: E402
+import tokenizer  # noqa: E402
 import ood  # noqa: E402
 
 DATA, WEIGHTS = ROOT / "data" / "qbqtc2kuake", ROOT / "data" / "gemma3_270m"
@@ -179,7 +180,7 @@ def main():
             sys.exit(f"{d} is missing: run {d.relative_to(ROOT)}/prepare.py first")
     rows, pool_ids = load_rows()
     meta = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))
-    tok = model_lib.Tokenizer(WEIGHTS)
+    tok = tokenizer.Tokenizer(WEIGHTS)
     m = model_lib.Transformer.from_pretrained(WEIGHTS)
     grade_ids = torch.tensor(darl.grade_token_ids(tok, meta.get("verbalizer", [str(g) for g in range(len(meta["grades"]))])))
     names = list(rows)

@@ -161,8 +161,9 @@ def dasa_worker(job):
     import darl
     import model as model_lib
     import ood
-    from train import cpu_has_bf16_units
-    tok = model_lib.Tokenizer(job["model"])
+    import tokenizer
+    from judge import cpu_has_bf16_units
+    tok = tokenizer.Tokenizer(job["model"])
     bf16 = job["dtype"] == "bfloat16" or (job["dtype"] == "auto" and cpu_has_bf16_units())
     m = model_lib.Transformer.from_pretrained(job["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     meta = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))

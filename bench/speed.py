@@ -81,6 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import darl  # noqa: E402
 import model as model_lib  # noqa: E402
+import tokenizer  # noqa: E402
 
 DATA = ROOT / "data" / "qbqtc2kuake"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -97,7 +98,7 @@ def load_batch(ckpt, batch, seq, device):
         rows = [json.loads(line) for _, line in zip(range(batch), f)]
     if len(rows) < batch:
         raise ValueError(f"{DATA / 'id_train.jsonl'}: {len(rows)} rows, --batch {batch} needs more")
-    tok = model_lib.Tokenizer(ckpt)
+    tok = tokenizer.Tokenizer(ckpt)
     examples = [darl.encode_pair(tok, r["query"], r["item"], meta.get("prompt", darl.DEFAULT_PROMPT), max_len=seq)
                 for r in rows]
     b = darl.collate(examples, tok.pad_id, multiple=seq)

@@ -26,11 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_LINKS = ("data/gemma3_270m", "data/smollm2_135m", "data/qbqtc2kuake")  # prepared files, gitignored
-SHARED_DATA = Path(os.environ.get("DARL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from conftest import SHARED_DATA  # noqa: E402  (../shared/data or the download cache)
 
 DARL, OOD, DATASET, MODEL, TRAIN = (["tests/test_darl.py"], ["tests/test_ood.py"], ["tests/test_dataset.py"],
                                     ["tests/test_model.py"], ["tests/test_train.py"])
 JUDGE, DASA = ["tests/test_judge.py"] + TRAIN, ["tests/test_dasa.py"] + TRAIN  # unit tests first, then end to end
+TOKENIZER = ["tests/test_model.py", "tests/test_model_real.py", "tests/test_darl.py"]
 
 # (name, file, old, new, test files): `old` must occur exactly once in `file`.
 MUTATIONS = [
@@ -143,6 +144,10 @@ MUTATIONS = [
      "positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)", MODEL),
     ("sliding window one token wider", "model.py", "(i[:, None] - i[None, :] < sliding_window)",
      "(i[:, None] - i[None, :] <= sliding_window)", MODEL),
+    ("bos prepended whenever there is one", "tokenizer.py", "self.add_bos = self.bos_id is not None and bool(prefix)",
+     "self.add_bos = self.bos_id is not None", TOKENIZER),
+    ("dummy prefix kept on continuing pieces", "tokenizer.py", "ids = (self.sp if start else self._sp_rest).encode(text)",
+     "ids = self.sp.encode(text)", TOKENIZER),
     ("Gemma RMSNorm w instead of 1 + w", "model.py", "return (h * (1.0 + self.weight.float())).type_as(x)",
      "return (h * self.weight.float()).type_as(x)", MODEL),
     # ---- dataset.py

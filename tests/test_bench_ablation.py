@@ -13,7 +13,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import ablation  # noqa: E402
-import rare_shift  # noqa: E402
 
 TINY = "--cpu --dtype float32 --limit 60 --max_steps 2 --batch_size 4 --eval_batch_size 32 --max_len 64 --k 3"
 

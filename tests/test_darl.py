@@ -122,14 +122,14 @@ def test_prompt_and_grade_tokens_are_what_transformers_feeds_the_model(request, 
     tokenized differently from the whole string."""
     from transformers import AutoTokenizer
 
-    import model
+    import tokenizer
     if which == "llama2_style":
         path = request.getfixturevalue("llama2_style_tokenizer")
     else:
         path = WEIGHTS if which == "gemma" else SMOL
         need(path / "config.json", f"data/{path.name}/prepare.py")
     need(BENCH / "meta.json", "data/qbqtc2kuake/prepare.py")
-    tok, hf = model.Tokenizer(path), AutoTokenizer.from_pretrained(path)
+    tok, hf = tokenizer.Tokenizer(path), AutoTokenizer.from_pretrained(path)
     words = ["0", "1", "2"]
     grade_ids = darl.grade_token_ids(tok, words)
     rows = [json.loads(line) for line in (BENCH / "id_test.jsonl").read_text(encoding="utf-8").splitlines()[:20]]
@@ -625,8 +625,9 @@ def test_real_gemma_grade_logits_and_truncated_qbqtc_prompt():
     need(WEIGHTS / "config.json", "data/gemma3_270m/prepare.py")
     need(BENCH / "meta.json", "data/qbqtc2kuake/prepare.py")
     import model
+    import tokenizer
     torch.manual_seed(0)
-    tok, m = model.Tokenizer(WEIGHTS), model.Transformer.from_pretrained(WEIGHTS)
+    tok, m = tokenizer.Tokenizer(WEIGHTS), model.Transformer.from_pretrained(WEIGHTS)
     grade_ids = torch.tensor(darl.grade_token_ids(tok, ["0", "1", "2"]))
     template = json.loads((BENCH / "meta.json").read_text(encoding="utf-8"))["prompt"]
     rows = [json.loads(line) for line in (BENCH / "id_test.jsonl").read_text(encoding="utf-8").splitlines()[:200]]

@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import model as M
+import tokenizer
 
 torch.set_num_threads(2)
 TOL = 1e-4
@@ -428,7 +429,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n".join(TEXT) + "\n")
     sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
                                              vocab_size=60, model_type="bpe", minloglevel=2)
-    tok = M.Tokenizer(tmp_path)
+    tok = tokenizer.Tokenizer(tmp_path)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     text = "the lazy fox judges a query"
     ids = tok.encode(text)
@@ -436,7 +437,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert tok.encode(text, bos=True) == [sp.bos_id()] + ids and tok.bos_id == 1 and tok.eos_id == 2
     assert tok.pad_id == tok.eos_id  # this model has no pad piece
     (tmp_path / "config.json").write_text(json.dumps({"pad_token_id": 0}))
-    assert M.Tokenizer(tmp_path).pad_id == 0
+    assert tokenizer.Tokenizer(tmp_path).pad_id == 0
 
 
 def test_tokenizer_json(tmp_path, monkeypatch):
@@ -447,12 +448,12 @@ def test_tokenizer_json(tmp_path, monkeypatch):
     tk.add_special_tokens(["<s>", "</s>"])
     tk.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
-    tok = M.Tokenizer(tmp_path)
+    tok = tokenizer.Tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)
     assert tok.encode("hello world", bos=True) == [0, 2, 3] and tok.decode([0, 2, 3]) == "hello world"
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the package were not installed
     with pytest.raises(ImportError, match="pip install tokenizers"):
-        M.Tokenizer(tmp_path)
+        tokenizer.Tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("flags", [{}, {"add_bos_token": False}, {"add_eos_token": True}])
@@ -469,10 +470,10 @@ def test_tokenizer_json_bos_template(tmp_path, flags):
     tk.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast", **flags}))
-    tok = M.Tokenizer(tmp_path)
+    tok = tokenizer.Tokenizer(tmp_path)
     assert tok.add_bos and [tok.bos_id] + tok.encode("hello") == AutoTokenizer.from_pretrained(tmp_path)("hello")[
         "input_ids"] == [0, 2]
     tk.post_processor = tokenizers.processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
     tk.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"ids \[1\] before the text, not the bos token \(0\)"):
-        M.Tokenizer(tmp_path)
+        tokenizer.Tokenizer(tmp_path)

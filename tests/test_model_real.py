@@ -1,6 +1,6 @@
 """model.py on real converted weights vs transformers: Gemma 3 270M (data/gemma3_270m) and the Llama-family
 SmolLM2-135M-Instruct (data/smollm2_135m, GPT-2 byte-level BPE through tokenizer.json), each made by its prepare.py;
-and model.Tokenizer's bos and dummy-prefix rules vs transformers' AutoTokenizer on every tokenizer kind we load.
+and tokenizer.Tokenizer's bos and dummy-prefix rules vs transformers' AutoTokenizer on every tokenizer kind we load.
 
 transformers loads the same converted weights, so these check model.py and the conversion's
 loadability, not closeness to the original bf16 weights (the GGUFs are Q4_K_M and Q4_1).
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model
+import tokenizer
 from conftest import SHARED_DATA
 
 DATA = SHARED_DATA
@@ -47,7 +48,7 @@ class Checkpoint:
         self.path, dtype=torch.float32).eval())
     hf_tokenizer = functools.cached_property(lambda self: AutoTokenizer.from_pretrained(self.path))
     ours = functools.cached_property(lambda self: model.Transformer.from_pretrained(self.path, dtype=torch.float32))
-    tok = functools.cached_property(lambda self: model.Tokenizer(self.path))
+    tok = functools.cached_property(lambda self: tokenizer.Tokenizer(self.path))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_logits_match_transformers(request, kind):
     ("gemma", 250, " {32,}", "<b>html</b> <start_of_turn>user\n"),
     ("smol", 75, None, "<|im_start|>user\nhi<|im_end|>")])
 def test_tokenizer_matches_transformers(request, kind, n_rows, may_differ, special):
-    """model.Tokenizer == transformers' tokenizer of the same dir (Gemma: GemmaTokenizer from tokenizer.model,
+    """tokenizer.Tokenizer == transformers' tokenizer of the same dir (Gemma: GemmaTokenizer from tokenizer.model,
     SmolLM2: GPT2Tokenizer on tokenizer.json), without special tokens, on real rows (query and title encoded
     separately) and edge cases: whitespace runs, digits, byte fallback, added tokens in the text. For Gemma only
     runs of 32+ spaces may differ: the longest whitespace piece is 31 '▁', and SentencePiece (greedy
@@ -132,7 +133,7 @@ def qwen25(smol, tmp_path_factory):
         add_prefix_space=False, bos_token=None,
         clean_up_tokenization_spaces=False, eos_token="<|im_end|>", errors="replace", model_max_length=131072,
         pad_token="<|endoftext|>", split_special_tokens=False, tokenizer_class="Qwen2Tokenizer", unk_token=None)))
-    endoftext, im_end = (model.Tokenizer(smol.path)._token_id(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    endoftext, im_end = (tokenizer.Tokenizer(smol.path)._token_id(t) for t in ("<|endoftext|>", "<|im_end|>"))
     (out / "config.json").write_text(json.dumps(dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", bos_token_id=endoftext, eos_token_id=im_end)))
     return out
@@ -147,7 +148,7 @@ def test_bos_as_transformers(request, fixture, form, add_bos):
     and taking config.json's bos_token_id over tokenizer_config.json's explicit null (Qwen2.5)."""
     path = request.getfixturevalue(fixture)
     path = path[form] if form else getattr(path, "path", path)
-    tok, hf = model.Tokenizer(path), AutoTokenizer.from_pretrained(path)
+    tok, hf = tokenizer.Tokenizer(path), AutoTokenizer.from_pretrained(path)
     assert tok.add_bos == add_bos
     hf_pad = hf.eos_token_id if hf.pad_token_id is None else hf.pad_token_id  # ours falls back to eos (Llama 2)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf_pad)
@@ -194,7 +195,7 @@ def test_dummy_prefix_pieces_as_whole(llama2_style, form):
     is encode(digit, start=False). Catches the '▁' that a dummy prefix puts before every separately encoded
     piece: encoding each piece with start=True differs on every row."""
     path = llama2_style[form]
-    tok, hf = model.Tokenizer(path), AutoTokenizer.from_pretrained(llama2_style["model"])
+    tok, hf = tokenizer.Tokenizer(path), AutoTokenizer.from_pretrained(llama2_style["model"])
     assert (tok.sp is not None) == (form == "model") and tok.add_bos
     head, rest = LLAMA2_PROMPT.split("{query}")
     middle, tail = rest.split("{item}")
