@@ -168,6 +168,7 @@ def run_row(args, row, seed):
     spec, out = ROWS[row], out_dir(args, row, seed)
     prepare(args, row, seed)
     minutes = stage_minutes(out)
+    found = [s for s in spec["stages"] if (out / f"stage{s}" / "darl_config.json").exists() and s not in minutes]
     for stage in spec["stages"]:
         if not (out / f"stage{stage}" / "darl_config.json").exists():
             minutes[stage] = minutes.get(stage, 0) + run(args, train_cmd(args, row, seed, stage), out) / 60
@@ -183,6 +184,7 @@ def run_row(args, row, seed):
               "preds": preds, "ood_report": read_json(report) if report.exists() else None,
               "interpolation": interp[-1] if interp and stage == "3" else None,
               "minutes": {s: round(m, 2) for s, m in minutes.items() if s in spec["stages"] + ["eval"]},
+              "stages_found_finished": found,  # trained elsewhere with the same arguments and copied in (see the README)
               "commands": [" ".join(train_cmd(args, row, seed, s)) for s in spec["stages"]] + [" ".join(eval_cmd(args, row, seed))],
               "settings": settings(args), "machine": machine_line(args.machine), "commit": git_commit(), "date": now()}
     args.results.mkdir(parents=True, exist_ok=True)
