@@ -32,7 +32,9 @@ from common import ROOT, machine, machine_line, now, git_commit, read_json, read
 CPU_ARGS = ["--limit", "1000"]
 TEST_LIMIT = 2913  # id_test rows scored (of 4,989), and all 2,913 of ood_test
 LPFT = ["--schedule", "lpft"]
-ROWS = {  # stages: train.py stages run in OUT; report: the stage scored; from: copy that row's stage1/ first
+# stages: train.py stages run in OUT; report: the stage scored; src: copy that row's stage1/ first; out: share that
+# row's OUT; dev: also scored on the dev splits (the rows the defaults are chosen among: schedule and OOD score)
+ROWS = {
     "zero_shot": dict(run="zero-shot (base model)", stages=[], report=None, args=[]),
     "sft_w": dict(run="stage 1, sft_loss (full vocabulary), class-weighted", stages=["1"], report="1", args=["--loss", "sft"]),
     "ce": dict(run="stage 1, CE over the grade tokens", stages=["1"], report="1",
@@ -42,17 +44,18 @@ ROWS = {  # stages: train.py stages run in OUT; report: the stage scored; from: 
     "darl": dict(run="+ confidence penalty = darl_loss (stage 1)", stages=["1"], report="1", args=[]),
     "random": dict(run="1 -> 2 -> 3, random rows", stages=["2", "3"], report="3", args=["--select", "random"], src="darl"),
     "dasa_s2": dict(run="1 -> 2, DASA", stages=["2"], report="2", args=[], src="darl", out="dasa"),
-    "dasa": dict(run="1 -> 2 -> 3, DASA (DaRL, ours)", stages=["2", "3"], report="3", args=[], src="darl"),
+    "dasa": dict(run="1 -> 2 -> 3, DASA (DaRL, ours)", stages=["2", "3"], report="3", args=[], src="darl", dev=True),
     "dasa_s3": dict(run="1 -> 3, DASA", stages=["3"], report="3", args=["--stage3_from", "1"], src="darl", selection="dasa"),
-    "knn": dict(run="1 -> 2 -> 3, DASA by knn_score", stages=["2", "3"], report="3", args=["--ood_score", "knn"], src="darl"),
+    "knn": dict(run="1 -> 2 -> 3, DASA by knn_score", stages=["2", "3"], report="3", args=["--ood_score", "knn"], src="darl",
+                dev=True),
     "maha": dict(run="1 -> 2 -> 3, DASA by Mahalanobis + kNN", stages=["2", "3"], report="3",
-                 args=["--ood_score", "maha_knn"], src="darl"),
+                 args=["--ood_score", "maha_knn"], src="darl", dev=True),
     "lpft_id": dict(run="LP-FT on id_train only", stages=["1", "2", "3"], report="3", args=LPFT + ["--select", "none"]),
     "lpft_noint": dict(run="LP-FT with DASA rows, alpha = 1", stages=["1", "2"], report="2", args=LPFT, out="lpft"),
-    "lpft": dict(run="LP-FT with DASA rows, interpolated", stages=["1", "2", "3"], report="3", args=LPFT),
+    "lpft": dict(run="LP-FT with DASA rows, interpolated", stages=["1", "2", "3"], report="3", args=LPFT, dev=True),
     "ft_only": dict(run="FT with DASA rows, no LP", stages=["1", "2"], report="2", args=LPFT + ["--lp_steps", "0"]),
     "lpft_maha": dict(run="LP-FT, DASA by Mahalanobis + kNN", stages=["1", "2", "3"], report="3",
-                      args=LPFT + ["--ood_score", "maha_knn"]),
+                      args=LPFT + ["--ood_score", "maha_knn"], dev=True),
 }
 # Comparisons: (row, reference row, the claim). A verdict follows from the interval of the ID or OOD delta.
 UP, OOD_UP = {"id_test": 1, "ood_test": 1}, {"id_test": None, "ood_test": 1}
@@ -116,7 +119,11 @@ def eval_cmd(args, row, seed):
     out, stage = out_dir(args, row, seed), ROWS[row]["report"]
     adapter = ["--adapter", rel(out / f"stage{stage}")] if stage else []
     return ["--stage", "eval", "--out", rel(out), "--seed", str(seed), "--data", rel(args.data), "--eval_limit",
-            str(args.test_limit), "--eval_on", ",".join(DEV + TEST), *adapter, *args.extra]
+            str(args.test_limit), "--eval_on", ",".join(eval_splits(row)), *adapter, *args.extra]
+
+
+def eval_splits(row):
+    return (DEV if ROWS[row].get("dev") else ()) + TEST
 
 
 def run(args, cmd, out):
@@ -176,7 +183,7 @@ def run_row(args, row, seed):
     minutes["eval"] = run(args, eval_cmd(args, row, seed), out) / 60
     stage = spec["report"]
     results = [r for r in read_jsonl(out / "results.jsonl") if r["stage"].startswith("eval:")]
-    metrics = {r["split"]: r for r in results[-len(DEV + TEST):]}
+    metrics = {r["split"]: r for r in results[-len(eval_splits(row)):]}
     preds = export_predictions(args, row, seed, out, f"eval:{rel(out / f'stage{stage}') if stage else 'zero-shot'}")
     report = out / "stage2" / "ood_report.json" if (out / "stage2" / "ood_report.json").exists() else out / "stage1" / "ood_report.json"
     interp = [r for r in read_jsonl(out / "results.jsonl") if r["split"] == "interpolation"]
