@@ -10,8 +10,8 @@ Each run's OUT is out/sweeps/NAME/<config>_seed<k>; the last of --stages is scor
 per dev split to bench/results/sweeps/NAME.jsonl (metrics, `scored_on`, minutes, machine, commit); a
 finished line is never run again. Arguments after `--` go to every train.py call (e.g. --limit).
 With --stage1_from (a run dir holding stage1/, {seed} filled in), runs start from that adapter; and when
-the grid changes nothing the DASA selection depends on, the first run's selection is copied to the
-others (the features of 3,000 rows are then computed once per seed, not once per run).
+the grid changes nothing the DASA selection depends on, the selection of --selection_from or of the first
+run is copied to the others (the features of 4,000 rows are then computed once per seed, not once per run).
 """
 import argparse
 import itertools
@@ -35,6 +35,7 @@ def get_args(argv):
     p.add_argument("--seeds", default="0")
     p.add_argument("--stages", default="1", help="train.py stages run in order in each run's OUT")
     p.add_argument("--stage1_from", help="a run dir with stage1/ to start from; {seed} is filled in")
+    p.add_argument("--selection_from", help="a run dir whose stage2/ DASA selection to reuse; {seed} is filled in")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table", action="store_true", help="print the table from the results file, run nothing")
     args = p.parse_args(argv)
@@ -64,9 +65,9 @@ def copy_start(args, out, seed, config):
         shutil.copytree(Path(args.stage1_from.format(seed=seed)) / "stage1", out / "stage1")
     if {k for k, _ in args.grid} & SELECTION_ARGS or (out / "stage2" / "dasa_selected.jsonl").exists():
         return
-    for other in configs(args):
-        sel = run_dir(args, other, seed) / "stage2"
-        if other != config and (sel / "dasa_selected.jsonl").exists():
+    given = [Path(args.selection_from.format(seed=seed))] if args.selection_from else []
+    for sel in [d / "stage2" for d in given] + [run_dir(args, c, seed) / "stage2" for c in configs(args) if c != config]:
+        if (sel / "dasa_selected.jsonl").exists():
             (out / "stage2").mkdir(parents=True, exist_ok=True)
             shutil.copy(sel / "ood_report.json", out / "stage2")
             shutil.copy(sel / "dasa_selected.jsonl", out / "stage2")
