@@ -494,23 +494,31 @@ train.main()
 """
 
 
-def test_kill9_then_resume_is_bit_identical(tiny_gemma, qbqtc2kuake, tmp_path):
-    """Catches a resume that forgets the optimizer state, the step, the RNG (dropout) or the data order."""
-    args = ["--stage", "1", "--model", tiny_gemma, "--data", qbqtc2kuake, *FAST, "--max_steps", "7",
-            "--lora_dropout", "0.1", "--eval_on", ""]
+@pytest.mark.parametrize("schedule, stage, cut_stage", [("darl", "1", "1"), ("lpft", "all", "2")])
+def test_kill9_then_resume_is_bit_identical(tiny_gemma, qbqtc2kuake, tmp_path, schedule, stage, cut_stage):
+    """Catches a resume that forgets the optimizer state, the step, the RNG (dropout), the data order or (lpft)
+    the grade head, or that redoes a finished stage: a run killed mid-stage and resumed ends where an uncut one does."""
+    args = ["--stage", stage, "--schedule", schedule, "--model", tiny_gemma, "--data", qbqtc2kuake, *FAST,
+            "--max_steps", "7", "--lora_dropout", "0.1", "--eval_on", "", "--lp_steps", "5", "--alphas", "0,1"]
     ref = str(tmp_path / "ref")
     assert run(args + ["--out", ref]).returncode == 0
     cut = str(tmp_path / "cut")
     p = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", cut], env={**ENV, "DIE_AT": "4"},
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert os.path.exists(os.path.join(cut, "stage1", "ckpt.pt"))
-    assert not os.path.exists(os.path.join(cut, "stage1", "darl_config.json"))
+    assert os.path.exists(os.path.join(cut, f"stage{cut_stage}", "ckpt.pt"))
+    assert not os.path.exists(os.path.join(cut, f"stage{cut_stage}", "darl_config.json"))
     p = run(args + ["--out", cut, "--resume"])
     assert p.returncode == 0, p.stderr
     assert "resumed" in p.stdout and "at step 4/7" in p.stdout
-    same_adapter(os.path.join(ref, "stage1"), os.path.join(cut, "stage1"))
-    assert not os.path.exists(os.path.join(cut, "stage1", "ckpt.pt"))
+    for s in ("1", "2", "3") if stage == "all" else (stage,):
+        assert os.path.exists(os.path.join(cut, f"stage{s}", "darl_config.json"))
+        if os.path.exists(os.path.join(ref, f"stage{s}", "adapter_model.safetensors")):
+            same_adapter(os.path.join(ref, f"stage{s}"), os.path.join(cut, f"stage{s}"))
+        if os.path.exists(os.path.join(ref, f"stage{s}", "grade_head.safetensors")):
+            assert torch.equal(load_file(os.path.join(ref, f"stage{s}", "grade_head.safetensors"))["weight"],
+                               load_file(os.path.join(cut, f"stage{s}", "grade_head.safetensors"))["weight"])
+    assert not os.path.exists(os.path.join(cut, f"stage{cut_stage}", "ckpt.pt"))
 
 
 def test_refuses_to_overwrite_without_resume(darl_run, tiny_gemma, qbqtc2kuake):
