@@ -118,7 +118,7 @@ def table(results):
     for (config, stage), by in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         name = " ".join(f"{k}={v}" for k, v in config)
         name = f"**{name}**" if best.get(stage, (0, None))[1] == config else name
-        seeds = ",".join(str(r["seed"]) for r in by.get("id_dev", []))
+        seeds = ",".join(str(s) for s in sorted(r["seed"] for r in by.get("id_dev", [])))
         cell = lambda split, key: f"{mean(by[split], key):.3f}" if split in by else "—"  # noqa: E731
         lines.append(f"| {stage} | {name} | {seeds} | {cell('id_dev', 'macro_f1')} | {cell('ood_dev', 'macro_f1')} | "
                      f"{cell('id_dev', 'ece')} | {mean(by.get('id_dev', by.get('ood_dev')), 'minutes'):.1f} |")
