@@ -130,7 +130,9 @@ def rare_shift():
     lines, _ = rs.table(args, rs.finished(args))
     recs = [json.loads(f.read_text()) for f in files]
     return [f"From `bench/results/rare_shift/*.json`: {'; '.join(sorted({r['machine'] for r in recs}))}; commits "
-            f"{', '.join(sorted({r['commit'] for r in recs}))}.", "", *lines]
+            f"{', '.join(sorted({r['commit'] for r in recs}))}.", "", *lines,
+            *(["", "![OOD macro-F1 against the budget, per selector and medical share](bench/results/rare_shift.png)"]
+              if (rs.RES.parent / "rare_shift.png").exists() else [])]
 
 
 def speed():
