@@ -42,6 +42,7 @@ class Runtime:
         os.makedirs(args.out, exist_ok=True)
         self.log_path = os.path.join(args.out, "log.txt")
         self.work_left, self.forward_tps = None, None  # set by main for training runs: the whole-run estimate
+        self.scored = {}  # (stage, split) -> probabilities evaluated in this process (lpft's interpolation reuses them)
 
     @property
     def main(self):
@@ -195,13 +196,15 @@ def read_adapter_config(directory):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(judge, data, stage, args, rt):
+def evaluate(judge, data, stage, args, rt, known=None):
     """Metrics on each split of --eval_on that the data has: one results.jsonl line per split, and the
-    per-row probabilities in OUT/predictions/ (the paired bootstrap in bench/ reads them)."""
+    per-row probabilities in OUT/predictions/ (the paired bootstrap in bench/ reads them). `known`: split ->
+    this model's probabilities, already computed (not scored again)."""
     results = []
     for split in [s for s in args.eval_on if s in data]:
         rows, t0 = data[split], time.time()
-        probs = judge.predict(rows)
+        probs = known[split] if known and split in known else judge.predict(rows)
+        rt.scored[(stage, split)] = probs
         groups = [r.get("group", r["query"]) for r in rows]  # the query unit of NDCG, as saved for the bootstrap
         m = darl.relevance_metrics(probs, torch.tensor([r["label"] for r in rows]), queries=groups)
         results.append({"stage": stage, "split": split, **m, "eval_seconds": round(time.time() - t0, 1)})

@@ -300,23 +300,29 @@ def interpolate(judge, ft_lora_b, lp_head, ft_head, alpha):
 
 
 def interpolation_stage(judge, data, out_dir, args, rt):
-    """lpft stage 3: alpha in --alphas chosen on the dev splits (mean of id_dev and ood_dev macro-F1)."""
+    """lpft stage 3: alpha in --alphas chosen on the dev splits (mean of id_dev and ood_dev macro-F1).
+    alpha 0 and 1 are the stage-1 and stage-2 models exactly (tests/test_train.py), so their dev scores
+    from earlier stages of this process are reused, as are the chosen alpha's in its evaluation."""
     judge.load(os.path.join(args.out, "stage2"))
     ft_lora_b = {n: p.detach().clone() for n, p in judge.model.named_parameters() if ".lora_B." in n}
     ft_head, lp_head = judge.head.weight.detach().clone(), darl.GradeHead.load(os.path.join(args.out, "stage1"), rt.device).weight
     dev = [s for s in ("id_dev", "ood_dev") if s in data]
-    curve = []
+    curve, probs = [], {}
     for alpha in args.alphas:
         interpolate(judge, ft_lora_b, lp_head, ft_head, alpha)
-        f1 = {s: darl.relevance_metrics(judge.predict(data[s]), torch.tensor([r["label"] for r in data[s]]))["macro_f1"] for s in dev}
+        stage = {0.0: "1", 1.0: "2"}.get(alpha)
+        reused = all((stage, s) in rt.scored for s in dev)
+        probs[alpha] = {s: rt.scored[(stage, s)] if reused else judge.predict(data[s]) for s in dev}
+        f1 = {s: darl.relevance_metrics(p, torch.tensor([r["label"] for r in data[s]]))["macro_f1"] for s, p in probs[alpha].items()}
         curve.append({"alpha": alpha, **f1, "mean": sum(f1.values()) / len(f1)})
-        rt.log(f"interpolation alpha {alpha:g}: " + " ".join(f"{s} macro_f1 {v:.4f}" for s, v in f1.items()))
+        rt.log(f"interpolation alpha {alpha:g}: " + " ".join(f"{s} macro_f1 {v:.4f}" for s, v in f1.items())
+               + (f" (stage {stage}'s scores)" if reused else ""))
     best = max(curve, key=lambda c: c["mean"])
     interpolate(judge, ft_lora_b, lp_head, ft_head, best["alpha"])
     finish_stage(judge, out_dir, rt)
     append_results(args, rt, [{"stage": "3", "split": "interpolation", "chosen_alpha": best["alpha"], "chosen_on": dev,
                                "curve": curve}])
-    evaluate(judge, data, "3", args, rt)
+    evaluate(judge, data, "3", args, rt, known=probs[best["alpha"]])
 
 
 STAGES = {"darl": {"1": stage1, "2": stage2, "3": stage3},
@@ -388,6 +394,8 @@ def work_left(args, data, judge, stages):
     steps = lambda n, epochs: args.max_steps or max(1, math.ceil(epochs * (n // args.batch_size)))  # noqa: E731
     evals = sum(tokens[s] for s in args.eval_on if s in data)
     dev = sum(tokens.get(s, 0) for s in ("id_dev", "ood_dev"))
+    dev_evals = sum(tokens.get(s, 0) for s in ("id_dev", "ood_dev") if s in args.eval_on)  # reused by the interpolation
+    ends = sum(a in args.alphas and s in stages for a, s in ((0.0, "1"), (1.0, "2")))
     select = tokens["id_train"] + tokens["pool"] + dev if args.select != "none" else 0
     budget = 0 if args.select == "none" else args.budget
     if args.schedule == "darl":
@@ -398,7 +406,7 @@ def work_left(args, data, judge, stages):
         lp_rows = len(data["id_train"]) + budget
         work = {"1": (0, select + lp_rows * row("id_train") + evals),
                 "2": (steps(lp_rows, args.epochs) * args.batch_size * row("id_train"), evals),
-                "3": (0, len(args.alphas) * dev + evals)}
+                "3": (0, len(args.alphas) * dev - ends * dev_evals + evals - dev_evals)}
     todo = [work[s] for s in stages]
     return int(sum(t for t, _ in todo)), int(sum(f for _, f in todo))
 

@@ -183,6 +183,7 @@ MUTATIONS = [
     ("DDP: gradients averaged, not summed", "train.py", "            dist.all_reduce(p.grad)\n",
      "            dist.all_reduce(p.grad)\n            p.grad /= rt.world\n", TRAIN),
     ("stage 3 replays one row", "train.py", 'int(args.replay * len(selected))', "int(args.replay)", TRAIN),
+    ("interpolation reuses stage 2's scores for alpha 0", "train.py", '{0.0: "1", 1.0: "2"}', '{0.0: "2", 1.0: "1"}', TRAIN),
     # ---- judge.py
     ("predict: probabilities in length order", "judge.py",
      "probs, pos = torch.empty(len(mine), len(self.grade_ids)), {i: j for j, i in enumerate(mine)}",

@@ -385,12 +385,21 @@ def test_changed_setting_in_the_same_out_is_refused(darl_run, tiny_gemma, qbqtc2
 
 # ----------------------------------------------------------------------------- the lpft schedule
 
-def test_lpft_interpolation_ends_are_the_lp_and_ft_models(lpft_run):
+def test_lpft_interpolation_ends_are_the_lp_and_ft_models(lpft_run, tiny_gemma, qbqtc2kuake, tmp_path):
     """Catches an interpolation whose alpha 0 is not the LP model (base + LP head) or alpha 1 not the FT
-    model: the dev curve's ends equal stages 1 and 2, and stage 3 is the chosen alpha's model."""
+    model, and a wrong reuse of the earlier stages' dev scores: stage 3 run alone (nothing to reuse) gives
+    --stage all's curve, whose ends equal stages 1 and 2, and stage 3 is the chosen alpha's model."""
     out, p = lpft_run
+    alone = tmp_path / "alone"
+    for d in ("stage1", "stage2"):
+        shutil.copytree(os.path.join(out, d), alone / d)
+    q = run(["--stage", "3", "--schedule", "lpft", "--model", tiny_gemma, "--data", qbqtc2kuake, "--out", str(alone),
+             *FAST, "--lp_steps", "30", "--alphas", "0,0.5,1", "--eval_on", "id_dev,ood_dev"])
+    assert q.returncode == 0, q.stderr
+    assert "(stage 1's scores)" in p.stdout and "(stage 2's scores)" in p.stdout and "scores)" not in q.stdout
     res = results(out)
     curve = next(r for r in res if r["split"] == "interpolation")
+    assert next(r for r in results(alone) if r["split"] == "interpolation")["curve"] == curve["curve"]
     f1 = {(r["stage"], r["split"]): r["macro_f1"] for r in res if "macro_f1" in r}
     ends = {c["alpha"]: c for c in curve["curve"]}
     for split in ("id_dev", "ood_dev"):
