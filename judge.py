@@ -41,7 +41,7 @@ class Runtime:
         self.dtype = (torch.bfloat16 if bf16 else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
         os.makedirs(args.out, exist_ok=True)
         self.log_path = os.path.join(args.out, "log.txt")
-        self.work_left, self.forward_tps = None, None  # set by main for training runs: the whole-run estimate
+        self.work_left, self.forward_tps, self.stage = None, None, None  # set by run_stages: the whole-run estimate
         self.scored = {}  # (stage, split) -> probabilities evaluated in this process (lpft's interpolation reuses them)
 
     @property
@@ -72,10 +72,14 @@ class Runtime:
         return torch.cat(parts)
 
     def announce_total(self, train_tps, trained):
-        """Once, after the first logged steps (`trained` tokens so far): the ETA of all this run has left."""
+        """Once, after the first logged steps (`trained` tokens so far) of this process: the ETA of all the
+        run has left: this stage's training and later forward passes, and everything of the later stages."""
         if self.work_left is None or self.forward_tps is None:
             return
-        train, forward = self.work_left[0] - trained, self.work_left[1]
+        now = list(self.work_left).index(self.stage)
+        later = list(self.work_left.values())[now + 1:]
+        train = self.work_left[self.stage][0] - trained + sum(t for t, _, _ in later)
+        forward = self.work_left[self.stage][2] + sum(b + a for _, b, a in later)
         minutes = (train / train_tps + forward / self.forward_tps) / 60
         self.log(f"whole run: about {minutes:.0f} min left ({train:,} training tokens at {train_tps:,.0f} tok/s, "
                  f"{forward:,} forward-only tokens at {self.forward_tps:,.0f} tok/s); on a slow CPU pass --limit N")

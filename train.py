@@ -385,11 +385,15 @@ def stage_dir(args, stage, rt):
     return directory, done
 
 
+def padded_tokens(judge, rows):
+    return sum(-(-len(ids) // darl.PAD_MULTIPLE) * darl.PAD_MULTIPLE for ids, _ in judge.encode(rows))
+
+
 def work_left(args, data, judge, stages):
-    """(training tokens, forward-only tokens) of the stages still to run, from the rows' padded lengths:
-    training steps x batch x mean row length; features, evaluations and the interpolation grid."""
-    tokens = {s: sum(-(-len(ids) // darl.PAD_MULTIPLE) * darl.PAD_MULTIPLE for ids, _ in judge.encode(rows))
-              for s, rows in data.items()}
+    """stage -> (training tokens, forward-only tokens before its training, after it) for the stages still to
+    run, from the rows' padded lengths: steps x batch x mean row length; features, evaluations, the
+    interpolation grid. The split lets the estimate printed at the first step leave out what is done."""
+    tokens = {s: padded_tokens(judge, rows) for s, rows in data.items()}
     row = lambda s: tokens[s] / max(1, len(data[s]))  # noqa: E731
     steps = lambda n, epochs: args.max_steps or max(1, math.ceil(epochs * (n // args.batch_size)))  # noqa: E731
     evals = sum(tokens[s] for s in args.eval_on if s in data)
@@ -399,25 +403,24 @@ def work_left(args, data, judge, stages):
     select = tokens["id_train"] + tokens["pool"] + dev if args.select != "none" else 0
     budget = 0 if args.select == "none" else args.budget
     if args.schedule == "darl":
-        work = {"1": (steps(len(data["id_train"]), args.epochs) * args.batch_size * row("id_train"), evals),
-                "2": (steps(budget, args.dasa_epochs) * args.batch_size * row("pool"), select + evals),
-                "3": (steps(budget * (1 + args.replay), args.dasa_epochs) * args.batch_size * row("pool"), evals)}
+        work = {"1": (steps(len(data["id_train"]), args.epochs) * args.batch_size * row("id_train"), 0, evals),
+                "2": (steps(budget, args.dasa_epochs) * args.batch_size * row("pool"), select, evals),
+                "3": (steps(budget * (1 + args.replay), args.dasa_epochs) * args.batch_size * row("pool"), 0, evals)}
     else:
         lp_rows = len(data["id_train"]) + budget
-        work = {"1": (0, select + lp_rows * row("id_train") + evals),
-                "2": (steps(lp_rows, args.epochs) * args.batch_size * row("id_train"), evals),
-                "3": (0, len(args.alphas) * dev - ends * dev_evals + evals - dev_evals)}
-    todo = [work[s] for s in stages]
-    return int(sum(t for t, _ in todo)), int(sum(f for _, f in todo))
+        work = {"1": (0, select + lp_rows * row("id_train") + evals, 0),
+                "2": (steps(lp_rows, args.epochs) * args.batch_size * row("id_train"), 0, evals),
+                "3": (0, len(args.alphas) * dev - ends * dev_evals + evals - dev_evals, 0)}
+    return {s: tuple(int(x) for x in work[s]) for s in stages}
 
 
 def forward_speed(judge, data):
-    """Forward-only tokens/s, timed on 64 id_dev rows (a few seconds): half of the whole-run estimate."""
+    """Forward-only (padded) tokens/s, timed on 64 id_dev rows (a few seconds): half of the whole-run estimate."""
     rows = data["id_dev"][:64]
-    judge.predict(rows[:8])  # warm-up: first-call allocations
+    judge.predict(rows)  # warm-up: first-call allocations for these shapes
     t0 = time.time()
     judge.predict(rows)
-    return sum(len(ids) for ids, _ in judge.encode(rows)) / (time.time() - t0)
+    return padded_tokens(judge, rows) / (time.time() - t0)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -519,6 +522,7 @@ def run_stages(judge, data, args, rt):
         if done:
             rt.log(f"stage {s}: {directory} is finished, skipping (--resume)")
             continue
+        rt.stage = s
         STAGES[args.schedule][s](judge, data, directory, args, rt)
 
 

@@ -130,3 +130,16 @@ def test_evaluate_writes_metrics_and_predictions_row_by_row(tiny_gemma, tmp_path
     for key in ("accuracy", "macro_f1", "ece", "n"):
         assert line[key] == pytest.approx(ref[key], abs=1e-6)
     assert os.path.exists(tmp_path / "predictions")
+
+
+def test_whole_run_estimate_leaves_out_the_work_done_before_the_first_step(tmp_path, capsys):
+    """Catches an estimate that counts forward passes already made before the first training step (lpft's
+    stage 1: DASA features, the probe's features, its scoring) or drops the stages after this one."""
+    rt = judge.Runtime(argparse.Namespace(cpu=True, dtype="float32", out=str(tmp_path)))
+    rt.work_left, rt.forward_tps, rt.stage = {"1": (0, 5000, 0), "2": (1000, 100, 200), "3": (0, 300, 0)}, 5.0, "2"
+    rt.announce_total(train_tps=5.0, trained=400)
+    line = capsys.readouterr().out
+    # stage 2: 1,000 - 400 training tokens at 5/s and 200 forward after its training; stage 3: 300 forward at 5/s
+    assert "600 training tokens" in line and "500 forward-only tokens" in line and "about 4 min left" in line, line
+    rt.announce_total(train_tps=5.0, trained=400)
+    assert capsys.readouterr().out == ""  # once
