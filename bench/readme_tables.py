@@ -28,12 +28,13 @@ def missing(path, command):
     return [f"Not measured yet: `{command}` writes `{rel(path)}`."]
 
 
-def main_run():
-    """`python train.py --stage all` with the defaults: dev and test metrics per stage, wall time, peak RSS, DASA."""
-    res, log, rep, mach = (RES / "train_cpu" / n for n in ("main_run.jsonl", "main_run_log.txt", "main_run_ood_report.json",
-                                                           "main_run_machine.json"))
+def main_run(name="main_run", command="python train.py --stage all"):
+    """`python train.py --stage all` with the defaults (or another schedule): dev and test metrics per stage,
+    wall time, peak RSS, DASA, and the interpolation curve where there is one."""
+    res, log, rep, mach = (RES / "train_cpu" / f"{name}{end}" for end in (".jsonl", "_log.txt", "_ood_report.json",
+                                                                           "_machine.json"))
     if not mach.exists():
-        return missing(res, "python train.py --stage all")
+        return missing(res, command)
     rows = [json.loads(line) for line in res.read_text().splitlines() if "macro_f1" in line]
     text, report, machine = log.read_text(), json.loads(rep.read_text()), json.loads(mach.read_text())
     head = re.search(r"^\[\S+\] (train\.py --stage all.*)$", text, re.M)
@@ -52,7 +53,15 @@ def main_run():
     out += ["", f"DASA ({report['ood_score']} score, budget {report['budget']}, k={report['k']}): selected {shares} "
                 f"(pool: {pool}); AUROC of the score for the pool's shifted domain {report['pool_shift_auroc']:.3f}, "
                 f"for id_dev vs ood_dev {report['dev_auroc']:.3f}."]
+    for r in [json.loads(line) for line in res.read_text().splitlines() if '"interpolation"' in line]:
+        curve = ", ".join(f"{c['alpha']:g}: {c['mean']:.3f}" for c in r["curve"])
+        out += ["", f"Interpolation (stage {r['stage']}): alpha {r['chosen_alpha']:g} chosen by the mean of "
+                    f"{' and '.join(r['chosen_on'])} macro-F1 (alpha: mean {curve})."]
     return out
+
+
+def main_run_lpft():
+    return main_run("main_run_lpft", "python train.py --stage all --schedule lpft")
 
 
 def sweeps():
@@ -169,7 +178,7 @@ def score_memory():
             *[f"| {r['lines']:,} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} | {r['pairs_per_s']:,} |" for r in d["rows"]]]
 
 
-BLOCKS = {"main_run": main_run, "sweeps": sweeps, "ood_features": ood_features, "ablation": ablation_rows,
+BLOCKS = {"main_run": main_run, "main_run_lpft": main_run_lpft, "sweeps": sweeps, "ood_features": ood_features, "ablation": ablation_rows,
           "claims": ablation_claims, "rare_shift": rare_shift, "speed": speed, "ood_scale": ood_scale,
           "score_memory": score_memory}
 PATTERN = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
