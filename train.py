@@ -82,12 +82,17 @@ def epoch_batches(lengths, batch_size, seed, epoch):
     return [batches[b] for b in torch.randperm(len(batches), generator=g).tolist()]
 
 
+def padded_len(n):
+    """A row's length as darl.collate pads it."""
+    return -(-n // darl.PAD_MULTIPLE) * darl.PAD_MULTIPLE
+
+
 def micro_batches(idx, lengths, micro_tokens):
     """Gradient accumulation by token budget: rows, shortest first, cut into micro-batches of at most
     micro_tokens padded tokens, so activation memory is bounded whatever the lengths."""
     parts = [[]]
     for i in sorted(idx, key=lambda i: lengths[i]):
-        padded = -(-lengths[i] // darl.PAD_MULTIPLE) * darl.PAD_MULTIPLE  # as darl.collate pads
+        padded = padded_len(lengths[i])
         if parts[-1] and (len(parts[-1]) + 1) * padded > micro_tokens:
             parts.append([])
         parts[-1].append(i)
@@ -386,7 +391,7 @@ def stage_dir(args, stage, rt):
 
 
 def padded_tokens(judge, rows):
-    return sum(-(-len(ids) // darl.PAD_MULTIPLE) * darl.PAD_MULTIPLE for ids, _ in judge.encode(rows))
+    return sum(padded_len(len(ids)) for ids, _ in judge.encode(rows))
 
 
 def work_left(args, data, judge, stages):
@@ -397,9 +402,12 @@ def work_left(args, data, judge, stages):
     row = lambda s: tokens[s] / max(1, len(data[s]))  # noqa: E731
     steps = lambda n, epochs: args.max_steps or max(1, math.ceil(epochs * (n // args.batch_size)))  # noqa: E731
     evals = sum(tokens[s] for s in args.eval_on if s in data)
-    dev = sum(tokens.get(s, 0) for s in ("id_dev", "ood_dev"))
-    dev_evals = sum(tokens.get(s, 0) for s in ("id_dev", "ood_dev") if s in args.eval_on)  # reused by the interpolation
+    dev_splits = [s for s in ("id_dev", "ood_dev") if s in data]
+    dev = sum(tokens[s] for s in dev_splits)
+    dev_evals = sum(tokens[s] for s in dev_splits if s in args.eval_on)  # the chosen alpha's, reused by stage 3
+    # alpha 0 / 1 reuse stage 1 / 2's dev scores when those stages run here and score every dev split
     ends = sum(a in args.alphas and s in stages for a, s in ((0.0, "1"), (1.0, "2")))
+    ends *= all(s in args.eval_on for s in dev_splits)
     select = tokens["id_train"] + tokens["pool"] + dev if args.select != "none" else 0
     budget = 0 if args.select == "none" else args.budget
     if args.schedule == "darl":
@@ -410,7 +418,7 @@ def work_left(args, data, judge, stages):
         lp_rows = len(data["id_train"]) + budget
         work = {"1": (0, select + lp_rows * row("id_train") + evals, 0),
                 "2": (steps(lp_rows, args.epochs) * args.batch_size * row("id_train"), 0, evals),
-                "3": (0, len(args.alphas) * dev - ends * dev_evals + evals - dev_evals, 0)}
+                "3": (0, (len(args.alphas) - ends) * dev + evals - dev_evals, 0)}
     return {s: tuple(int(x) for x in work[s]) for s in stages}
 
 

@@ -35,7 +35,8 @@ def main_run(name="main_run", command="python train.py --stage all"):
                                                                            "_machine.json"))
     if not mach.exists():
         return missing(res, command)
-    rows = [json.loads(line) for line in res.read_text().splitlines() if "macro_f1" in line]
+    lines = [json.loads(line) for line in res.read_text().splitlines()]
+    rows = [r for r in lines if "macro_f1" in r]
     text, report, machine = log.read_text(), json.loads(rep.read_text()), json.loads(mach.read_text())
     head = re.search(r"^\[\S+\] (train\.py --stage all.*)$", text, re.M)
     done = re.search(r"done in ([\d.]+) min, peak RSS ([\d.]+) GiB", text)
@@ -53,7 +54,7 @@ def main_run(name="main_run", command="python train.py --stage all"):
     out += ["", f"DASA ({report['ood_score']} score, budget {report['budget']}, k={report['k']}): selected {shares} "
                 f"(pool: {pool}); AUROC of the score for the pool's shifted domain {report['pool_shift_auroc']:.3f}, "
                 f"for id_dev vs ood_dev {report['dev_auroc']:.3f}."]
-    for r in [json.loads(line) for line in res.read_text().splitlines() if '"interpolation"' in line]:
+    for r in [r for r in lines if r["split"] == "interpolation"]:
         curve = ", ".join(f"{c['alpha']:g}: {c['mean']:.3f}" for c in r["curve"])
         out += ["", f"Interpolation (stage {r['stage']}): alpha {r['chosen_alpha']:g} chosen by the mean of "
                     f"{' and '.join(r['chosen_on'])} macro-F1 (alpha: mean {curve})."]
@@ -178,9 +179,9 @@ def score_memory():
             *[f"| {r['lines']:,} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} | {r['pairs_per_s']:,} |" for r in d["rows"]]]
 
 
-BLOCKS = {"main_run": main_run, "main_run_lpft": main_run_lpft, "sweeps": sweeps, "ood_features": ood_features, "ablation": ablation_rows,
-          "claims": ablation_claims, "rare_shift": rare_shift, "speed": speed, "ood_scale": ood_scale,
-          "score_memory": score_memory}
+BLOCKS = {"main_run": main_run, "main_run_lpft": main_run_lpft, "sweeps": sweeps, "ood_features": ood_features,
+          "ablation": ablation_rows, "claims": ablation_claims, "rare_shift": rare_shift, "speed": speed,
+          "ood_scale": ood_scale, "score_memory": score_memory}
 PATTERN = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 
