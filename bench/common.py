@@ -44,9 +44,12 @@ def now():
 
 
 def git_commit():
+    """HEAD, marked +uncommitted when tracked code differs from it; bench/results is left out, since a
+    benchmark rewrites its own tables there while it runs and that says nothing about the code."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return head + ("+uncommitted" if dirty else "")
 
 
 def matmul_tflops(dtype, n=2048, reps=3):
