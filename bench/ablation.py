@@ -149,10 +149,10 @@ def prepare(args, row, seed):
     out.mkdir(parents=True, exist_ok=True)
     if "src" in spec:
         run_row(args, spec["src"], seed)
-        copy_in(out_dir(args, spec["src"], seed) / "stage1", out / "stage1")
+        copy_in(train_row(args, spec["src"], seed, upto="1")[0], out / "stage1")
     if "selection" in spec:
         run_row(args, spec["selection"], seed)
-        sel = out_dir(args, spec["selection"], seed) / "stage2"
+        sel = train_row(args, spec["selection"], seed, upto="2")[0]
         (out / "stage2").mkdir(exist_ok=True)
         copy_in(sel / "ood_report.json", out / "stage2" / "ood_report.json")
         copy_in(sel / "dasa_selected.jsonl", out / "stage2" / "dasa_selected.jsonl")
@@ -164,6 +164,23 @@ def stage_minutes(out):
     return read_json(path) if path.exists() else {}
 
 
+def train_row(args, row, seed, upto=None):
+    """Train the row's missing stages (up to stage `upto`), each timed into OUT/bench_minutes.json. Also called
+    for a finished row whose OUT is gone (its JSON is committed, its adapters are not): the rows and runs that
+    continue from it get its stage trained again from the same seed. Returns (the last stage's dir, minutes,
+    the stages found finished without a time: trained elsewhere and copied in)."""
+    spec, out = ROWS[row], out_dir(args, row, seed)
+    stages = spec["stages"][:spec["stages"].index(upto) + 1] if upto else spec["stages"]
+    prepare(args, row, seed)
+    minutes = stage_minutes(out)
+    found = [s for s in stages if (out / f"stage{s}" / "darl_config.json").exists() and s not in minutes]
+    for stage in stages:
+        if not (out / f"stage{stage}" / "darl_config.json").exists():
+            minutes[stage] = minutes.get(stage, 0) + run(args, train_cmd(args, row, seed, stage), out) / 60
+            write_json(out / "bench_minutes.json", minutes)
+    return out / f"stage{stages[-1]}" if stages else None, minutes, found
+
+
 def run_row(args, row, seed):
     """Train what is missing, evaluate the reported stage, write the row's JSON and test predictions."""
     path = args.results / f"{row}_seed{seed}.json"
@@ -173,13 +190,7 @@ def run_row(args, row, seed):
             raise SystemExit(f"error: {path} was made with other settings ({record['settings']} vs now {settings(args)})")
         return record
     spec, out = ROWS[row], out_dir(args, row, seed)
-    prepare(args, row, seed)
-    minutes = stage_minutes(out)
-    found = [s for s in spec["stages"] if (out / f"stage{s}" / "darl_config.json").exists() and s not in minutes]
-    for stage in spec["stages"]:
-        if not (out / f"stage{stage}" / "darl_config.json").exists():
-            minutes[stage] = minutes.get(stage, 0) + run(args, train_cmd(args, row, seed, stage), out) / 60
-            write_json(out / "bench_minutes.json", minutes)
+    _, minutes, found = train_row(args, row, seed)
     minutes["eval"] = run(args, eval_cmd(args, row, seed), out) / 60
     stage = spec["report"]
     results = [r for r in read_jsonl(out / "results.jsonl") if r["stage"].startswith("eval:")]

@@ -6,7 +6,8 @@ annotation budgets, in pools whose medical share is 25%, 10% or 3% (the same web
     python bench/rare_shift.py --cut            # only the cut grid
     python bench/rare_shift.py --table          # rare_shift.md, deltas and the plot from the files
 
-Every run continues the ablation's `darl` stage-1 adapter of its seed (made first when missing), then runs
+Every run continues the ablation's `darl` stage-1 adapter of its seed (trained first when missing, also when
+only the row's committed JSON is left; it is not scored here), then runs
 stages 2 and 3 of the darl schedule on its pool variant and is scored once, on all of ood_test and
 ablation.TEST_LIMIT rows of id_test. Per seed, pool share and selector, the selection is made once, at
 the largest budget: a smaller budget's selection is its prefix (dasa_select and random_select walk one
@@ -95,8 +96,7 @@ def start(args, share, budget, selector, seed):
     """stage1/ from the ablation's darl row; the selection as the prefix of the largest budget's."""
     out = out_dir(args, share, budget, selector, seed)
     out.mkdir(parents=True, exist_ok=True)
-    ablation.run_row(args.ablation, "darl", seed)
-    ablation.copy_in(ablation.out_dir(args.ablation, "darl", seed) / "stage1", out / "stage1")
+    ablation.copy_in(ablation.train_row(args.ablation, "darl", seed)[0], out / "stage1")
     top = max(BUDGETS)
     if budget == top or (out / "stage2" / "dasa_selected.jsonl").exists():
         return

@@ -118,3 +118,20 @@ def test_rare_shift_pools_and_prefix_selections(ran, tiny_gemma, qbqtc2kuake):
     assert sum(("--stage 1 " in c) for c in launched(p)) == 0  # stage 1 = the ablation's darl row, already there
     table = (tmp / "res" / "rare_shift.md").read_text()
     assert table.count("| 3% |") == 2 and table.count("| 25% |") == 2
+
+
+def test_a_finished_row_without_its_out_is_trained_again_not_scored(ran, tiny_gemma, qbqtc2kuake, tmp_path):
+    """Catches a row that continues from a finished row whose OUT is gone (a clean checkout holds only the
+    committed JSON): it crashed on the missing stage1/; now that stage trains again from the same seed
+    (bit-identical here), and the finished row is not scored again."""
+    tmp, _ = ran
+    (tmp_path / "res" / "ablation" / "preds").mkdir(parents=True)
+    for f in ["darl_seed0.json"] + [f"preds/darl_seed0_{split}.npz" for split in ablation.TEST]:
+        (tmp_path / "res" / "ablation" / f).write_bytes((tmp / "res" / "ablation" / f).read_bytes())
+    p = bench("ablation.py", tmp_path, tiny_gemma, qbqtc2kuake, "--rows", "dasa_s2", "--seeds", "0")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    cmds = launched(p)
+    assert [c.split("--stage ")[1].split()[0] for c in cmds] == ["1", "2", "eval"]
+    assert "darl_seed0" in cmds[0] and "darl_seed0" not in cmds[2]
+    a, b = (w / "work" / "ablation" / "darl_seed0" / "stage1" / "adapter_model.safetensors" for w in (tmp, tmp_path))
+    assert a.read_bytes() == b.read_bytes()
