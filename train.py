@@ -25,7 +25,7 @@ is an adapter that scores on its own: PEFT files + darl_config.json (+ grade_hea
 
 Choices, each in a line (numbers and the bench files that measured them are in the README):
 - Defaults chosen on the dev splits by bench/sweep.py: stage-1 lr / epochs, --dasa_lr_scale, --replay (batch 16: not swept yet).
-- Balanced class weights n / (C n_c) for both losses: QBQTC is 63% "weak"; unweighted, stage 1 predicts "weak".
+- Balanced class weights n / (C n_c) for both losses: QBQTC is 63% "weak"; unweighted, stage 1 says "weak" too often (README: ce_w - ce).
 - Data parallel by a hand all-reduce of the summed per-example gradients: exact for unequal shards (DDP averages means).
 - The data order is a function of (seed, epoch): a checkpoint holds the step, weights, AdamW and RNG; resume is bit-identical.
 - --dtype auto: bf16 only where bf16 matrix units exist (CUDA, AMX, AVX512-BF16); emulated bf16 is slower than fp32.
