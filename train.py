@@ -490,7 +490,7 @@ def add_method_args(p):
     a("--replay", type=float, default=1.0, help="darl stage 3: id_train replay rows per selected row")
     a("--dasa_lr_scale", type=float, default=0.1, help="darl stages 2 and 3: learning rate = --lr times this")
     a("--lp_steps", type=int, default=300, help="lpft stage 1: full-batch steps of the linear probe (0: FT only)")
-    a("--lp_lr", type=float, default=1e-3, help="lpft stage 1: the linear probe's learning rate")
+    a("--lp_lr", type=float, default=3e-3, help="lpft stage 1: the linear probe's learning rate")
     a("--alphas", default="0,0.25,0.5,0.75,1", help="lpft stage 3: interpolation weights tried on the dev splits")
     a("--lr", type=float, default=4e-4)
     a("--weight_decay", type=float, default=0.0)

@@ -31,7 +31,7 @@ from common import ROOT, machine, machine_line, now, git_commit, read_json, read
 
 CPU_ARGS = ["--limit", "1000"]
 TEST_LIMIT = 2913  # id_test rows scored (of 4,989), and all 2,913 of ood_test
-LPFT = ["--schedule", "lpft"]
+LPFT = ["--schedule", "lpft", "--lp_lr", "1e-3"]  # the LP-FT rows ran at 1e-3, the default before the lp sweep's seed 1
 # stages: train.py stages run in OUT; report: the stage scored; src: copy that row's stage1/ first; out: share that
 # row's OUT; dev: also scored on the dev splits (the rows the defaults are chosen among: schedule and OOD score)
 ROWS = {
