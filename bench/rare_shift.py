@@ -5,6 +5,7 @@ annotation budgets, in pools whose medical share is 25%, 10% or 3% (the same web
                                                 # then the rest (share 10, budget 100); seeds 0,1,2; resumable
     python bench/rare_shift.py --cut            # only the cut grid
     python bench/rare_shift.py --table          # rare_shift.md, deltas and the plot from the files
+    python bench/rare_shift.py --full --results R --work W   # every web row of the pool, no row caps: a GPU
 
 Every run continues the ablation's `darl` stage-1 adapter of its seed (trained first when missing, also when
 only the row's committed JSON is left; it is not scored here), then runs
@@ -12,8 +13,8 @@ stages 2 and 3 of the darl schedule on its pool variant and is scored once, on a
 ablation.TEST_LIMIT rows of id_test. Per seed, pool share and selector, the selection is made once, at
 the largest budget: a smaller budget's selection is its prefix (dasa_select and random_select walk one
 fixed order and stop at the budget), so the features are computed once per adapter and pool. Pool
-variants: data/<name>/pool.jsonl's first 750 web rows plus its first m medical rows (m = 250, 83, 23),
-in out/rare_shift/data_med<share>/, the other splits linked. Results: bench/results/rare_shift/.
+variants: data/<name>/pool.jsonl's first 750 web rows plus its first m medical rows (m = 250, 83, 23;
+--full: all its web rows, m to match), in out/rare_shift/data_med<share>/, the other splits linked. Results: bench/results/rare_shift/.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ def get_args(argv):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--cut", action="store_true", help="only shares 3 and 25, budgets 50 and 200")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--full", action="store_true", help="all web rows of the pool and no row caps (--limit 0): meant for a GPU")
     p.add_argument("--data", default=str(ROOT / "data" / "qbqtc2kuake"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default=str(RES))
@@ -44,7 +46,7 @@ def get_args(argv):
     args = p.parse_args(argv)
     args.seeds, args.extra = [int(s) for s in args.seeds.split(",")], args.train_args.split()
     args.results, args.work = Path(args.results), Path(args.work)
-    args.size, args.full = ablation.CPU_ARGS, False
+    args.size = ["--limit", "0"] if args.full else ablation.CPU_ARGS
     return args
 
 
@@ -57,7 +59,7 @@ def grid(args):
 
 def pool_variant(args, share):
     """The data folder whose pool holds the first WEB_ROWS web rows and the first m medical rows."""
-    folder = args.work / f"data_med{share}"
+    folder = args.work / f"data{'_full' if args.full else ''}_med{share}"
     if (folder / "pool.jsonl").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,8 +68,8 @@ def pool_variant(args, share):
         if f.name != "pool.jsonl" and not (folder / f.name).exists():
             (folder / f.name).symlink_to(f.resolve())
     pool = [json.loads(line) for line in open(src / "pool.jsonl", encoding="utf-8")]
-    web = [r["id"] for r in pool if r["domain"] != "medical"][:WEB_ROWS]
-    medical = [r["id"] for r in pool if r["domain"] == "medical"][:round(WEB_ROWS * share / (100 - share))]
+    web = [r["id"] for r in pool if r["domain"] != "medical"][:None if args.full else WEB_ROWS]
+    medical = [r["id"] for r in pool if r["domain"] == "medical"][:round(len(web) * share / (100 - share))]
     keep = set(web) | set(medical)
     tmp = folder / "pool.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool if r["id"] in keep), encoding="utf-8")
@@ -225,7 +227,7 @@ def main(argv=None):
     args = get_args(sys.argv[1:] if argv is None else argv)
     args.ablation = ablation.get_args(["--rows", "darl", "--data", args.data, "--results", str(args.results.parent / "ablation"),
                                        "--work", str(args.work.parent / "ablation"), f"--train_args={' '.join(args.extra)}",
-                                       "--test_limit", str(args.test_limit)])
+                                       "--test_limit", str(args.test_limit)] + (["--full"] if args.full else []))
     if args.table:
         return write_tables(args)
     args.machine = args.ablation.machine = machine(args.threads)

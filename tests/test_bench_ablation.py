@@ -135,3 +135,18 @@ def test_a_finished_row_without_its_out_is_trained_again_not_scored(ran, tiny_ge
     assert "darl_seed0" in cmds[0] and "darl_seed0" not in cmds[2]
     a, b = (w / "work" / "ablation" / "darl_seed0" / "stage1" / "adapter_model.safetensors" for w in (tmp, tmp_path))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_rare_shift_full_keeps_every_web_row_and_drops_the_caps(qbqtc2kuake, tmp_path):
+    """Catches a --full that still runs the CPU size (750 web rows, --limit 1000), a medical count not
+    matched to the web rows, and full-size pools written over the CPU ones."""
+    import rare_shift
+    args = rare_shift.get_args(["--full", "--data", qbqtc2kuake, "--work", str(tmp_path)])
+    assert args.size == ["--limit", "0"]
+    pool = [json.loads(x) for x in open(Path(qbqtc2kuake) / "pool.jsonl", encoding="utf-8")]
+    folder = rare_shift.pool_variant(args, 3)
+    assert folder != rare_shift.pool_variant(rare_shift.get_args(["--data", qbqtc2kuake, "--work", str(tmp_path)]), 3)
+    rows = [json.loads(x) for x in open(folder / "pool.jsonl", encoding="utf-8")]
+    web = sum(r["domain"] != "medical" for r in pool)
+    assert sum(r["domain"] != "medical" for r in rows) == web and web > rare_shift.WEB_ROWS
+    assert sum(r["domain"] == "medical" for r in rows) == round(web * 3 / 97)
