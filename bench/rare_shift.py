@@ -13,8 +13,9 @@ stages 2 and 3 of the darl schedule on its pool variant and is scored once, on a
 ablation.TEST_LIMIT rows of id_test. Per seed, pool share and selector, the selection is made once, at
 the largest budget: a smaller budget's selection is its prefix (dasa_select and random_select walk one
 fixed order and stop at the budget), so the features are computed once per adapter and pool. Pool
-variants: data/<name>/pool.jsonl's first 750 web rows plus its first m medical rows (m = 250, 83, 23;
---full: all its web rows, m to match), in out/rare_shift/data_med<share>/, the other splits linked. Results: bench/results/rare_shift/.
+variants: data/<name>/pool.jsonl's first 750 web rows plus its first m medical rows (m = 250, 83, 23), in
+out/rare_shift/data_med<share>/ (--full: all its web rows, m to match, in data_full_med<share>/), the other
+splits linked. Results: bench/results/rare_shift/.
 """
 import argparse
 import json
@@ -58,7 +59,7 @@ def grid(args):
 
 
 def pool_variant(args, share):
-    """The data folder whose pool holds the first WEB_ROWS web rows and the first m medical rows."""
+    """The data folder whose pool holds the first WEB_ROWS web rows (--full: all) and the first m medical rows."""
     folder = args.work / f"data{'_full' if args.full else ''}_med{share}"
     if (folder / "pool.jsonl").exists():
         return folder
