@@ -8,14 +8,14 @@ annotation budgets, in pools whose medical share is 25%, 10% or 3% (the same web
     python bench/rare_shift.py --full --results R --work W   # every web row of the pool, no row caps: a GPU
 
 Every run continues the ablation's `darl` stage-1 adapter of its seed (trained first when missing, also when
-only the row's committed JSON is left; it is not scored here), then runs
-stages 2 and 3 of the darl schedule on its pool variant and is scored once, on all of ood_test and
-ablation.TEST_LIMIT rows of id_test. Per seed, pool share and selector, the selection is made once, at
-the largest budget: a smaller budget's selection is its prefix (dasa_select and random_select walk one
-fixed order and stop at the budget), so the features are computed once per adapter and pool. Pool
-variants: data/<name>/pool.jsonl's first 750 web rows plus its first m medical rows (m = 250, 83, 23), in
-out/rare_shift/data_med<share>/ (--full: all its web rows, m to match, in data_full_med<share>/), the other
-splits linked. Results: bench/results/rare_shift/.
+only the row's committed JSON is left; it is not scored here), then runs stages 2 and 3 of the darl schedule
+on its pool variant (on CPU with DEV_ROWS rows of each dev split: they only feed the dev AUROC in
+ood_report.json) and is scored once, on all of ood_test and ablation.TEST_LIMIT rows of id_test. Per seed,
+pool share and selector, the selection is made once, at the largest budget: a smaller budget's selection is
+its prefix (dasa_select and random_select walk one fixed order and stop at the budget), so the features are
+computed once per adapter and pool. Pool variants: data/<name>/pool.jsonl's first 750 web rows plus
+its first m medical rows (m = 250, 83, 23), in out/rare_shift/data_med<share>/ (--full: all its web rows, m
+to match, in data_full_med<share>/), the other splits linked. Results: bench/results/rare_shift/.
 """
 import argparse
 import json
@@ -29,6 +29,7 @@ from common import ROOT, machine, machine_line, now, git_commit, read_json, read
 
 SHARES, BUDGETS, CUT_SHARES, CUT_BUDGETS = (25, 10, 3), (50, 100, 200), (3, 25), (50, 200)
 WEB_ROWS = 750
+DEV_ROWS = 250  # per dev split on CPU: they feed only stage 2's dev AUROC in ood_report.json, not the selection
 RES = ROOT / "bench" / "results" / "rare_shift"
 
 
@@ -47,7 +48,7 @@ def get_args(argv):
     args = p.parse_args(argv)
     args.seeds, args.extra = [int(s) for s in args.seeds.split(",")], args.train_args.split()
     args.results, args.work = Path(args.results), Path(args.work)
-    args.size = ["--limit", "0"] if args.full else ablation.CPU_ARGS
+    args.size = ["--limit", "0"] if args.full else ablation.CPU_ARGS + ["--eval_limit", str(DEV_ROWS)]
     return args
 
 
