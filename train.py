@@ -60,6 +60,8 @@ RESULT_ARGS = ("data", "model", "seed", "limit", "schedule", "budget", "max_step
                "layer", "pooling", "stage3_from", "replay", "dasa_lr_scale", "lr", "weight_decay", "warmup",
                "grad_clip", "batch_size", "max_len", "lora_rank", "lora_alpha", "lora_dropout", "lp_steps", "lp_lr",
                "alphas", "dtype")
+# Of those, the ones a schedule never reads (check_run_config does not compare them).
+NOT_READ_BY = {"darl": ("lp_steps", "lp_lr", "alphas"), "lpft": ("dasa_epochs", "stage3_from", "replay", "dasa_lr_scale")}
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -362,14 +364,15 @@ def load_data(args, rt, n_grades):
 def check_run_config(args, rt):
     """One OUT, one configuration: the first training run writes OUT/run_config.json (RESULT_ARGS); a later
     one with any of them changed stops, naming the argument and both values (finished stages and the
-    DASA selection in OUT were made with the old ones)."""
+    DASA selection in OUT were made with the old ones). Arguments the schedule never reads are not compared:
+    a darl OUT made before a --lp_lr default changed still resumes."""
     path, now = os.path.join(args.out, "run_config.json"), {k: getattr(args, k) for k in RESULT_ARGS}
     now |= {"data": os.path.realpath(args.data), "model": os.path.realpath(args.model), "dtype": str(rt.dtype)[6:]}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         for key in RESULT_ARGS:
-            if old.get(key) != now[key]:
+            if old.get(key) != now[key] and key not in NOT_READ_BY[args.schedule]:
                 raise DataError(f"{path}: --{key} is {now[key]!r} now, but this OUT was made with {old.get(key)!r}; "
                                 "rerun with that value, or choose another --out (copy OUT/stageN there to start from a finished stage)")
     elif rt.main:

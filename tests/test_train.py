@@ -383,6 +383,14 @@ def test_changed_setting_in_the_same_out_is_refused(darl_run, tiny_gemma, qbqtc2
     assert p.returncode != 0 and "run_config.json: --budget is 30 now, but this OUT was made with 24" in p.stderr, p.stderr
 
 
+def test_a_setting_the_schedule_never_reads_does_not_block_resume(darl_run, tiny_gemma, qbqtc2kuake):
+    """Catches the refusal of a finished darl OUT because an lpft-only default (--lp_lr) changed since it was made."""
+    out, _ = darl_run
+    p = run(["--stage", "all", "--resume", "--model", tiny_gemma, "--data", qbqtc2kuake, "--out", out, *FAST,
+             "--lp_lr", "0.5", "--eval_on", ""])
+    assert p.returncode == 0 and "stage 3: " in p.stderr + p.stdout and "is finished, skipping" in p.stderr + p.stdout, p.stderr
+
+
 # ----------------------------------------------------------------------------- the lpft schedule
 
 def test_lpft_interpolation_ends_are_the_lp_and_ft_models(lpft_run, tiny_gemma, qbqtc2kuake, tmp_path):
