@@ -200,13 +200,13 @@ def plot(args, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for share in SHARES:
+    for color, share in enumerate(SHARES):
         for sel, style in (("dasa", "-o"), ("random", "--s")):
             points = [(b, ablation.mean([r["metrics"]["ood_test"]["macro_f1"] for k, r in runs.items() if k[:3] == (share, b, sel)]))
                       for b in BUDGETS]
             points = [(b, v) for b, v in points if v is not None]
             if points:
-                ax.plot(*zip(*points), style, label=f"{sel}, {share}% medical")
+                ax.plot(*zip(*points), style, color=f"C{color}", label=f"{sel}, {share}% medical")
     ax.set_xlabel("annotation budget (pool rows)")
     ax.set_ylabel("OOD macro-F1 after stage 3 (mean over seeds)")
     ax.set_xticks(BUDGETS)
