@@ -137,6 +137,14 @@ def test_a_finished_row_without_its_out_is_trained_again_not_scored(ran, tiny_ge
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_rare_shift_tables_pair_the_seeds():
+    """Catches a table cut mid-grid whose means take a seed only one selector has run, set beside a delta
+    over the paired seeds (it showed ID F1 0.492 vs 0.516 next to a delta of +0.013)."""
+    import rare_shift
+    runs = {(3, 50, "dasa", 0): "a", (3, 50, "random", 0): "b", (3, 50, "dasa", 1): "c", (25, 50, "random", 0): "d"}
+    assert rare_shift.paired(runs) == {(3, 50, "dasa", 0): "a", (3, 50, "random", 0): "b"}
+
+
 def test_rare_shift_full_keeps_every_web_row_and_drops_the_caps(qbqtc2kuake, tmp_path):
     """Catches a --full that still runs the CPU size (750 web rows, --limit 1000), a medical count not
     matched to the web rows, and full-size pools written over the CPU ones."""
