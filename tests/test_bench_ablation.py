@@ -101,7 +101,8 @@ def test_finished_rows_are_not_rerun_and_other_settings_are_refused(ran, tiny_ge
 
 def test_rare_shift_pools_and_prefix_selections(ran, tiny_gemma, qbqtc2kuake):
     """Catches pool variants with other web rows or the wrong medical count, and a small budget whose
-    selection is not the prefix of the largest budget's (the features are computed once per pool)."""
+    selection is not the prefix of the largest budget's (the features are computed once per pool), and a
+    record without the minutes of a stage 2 that an earlier, smaller budget trained for it."""
     tmp, _ = ran
     p = bench("rare_shift.py", tmp, tiny_gemma, qbqtc2kuake, "--cut", "--seeds", "0")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr
@@ -116,6 +117,8 @@ def test_rare_shift_pools_and_prefix_selections(ran, tiny_gemma, qbqtc2kuake):
                           for b in (50, 200))
             assert len(small) == 50 and small == big[:50] and len(big) > 50
     assert sum(("--stage 1 " in c) for c in launched(p)) == 0  # stage 1 = the ablation's darl row, already there
+    for f in (tmp / "res" / "rare_shift").glob("med*.json"):
+        assert set(json.loads(f.read_text())["minutes"]) == {"2", "3", "eval"}, f.name
     table = (tmp / "res" / "rare_shift.md").read_text()
     assert table.count("| 3% |") == 2 and table.count("| 25% |") == 2
 
