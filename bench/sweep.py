@@ -7,11 +7,12 @@ id_dev and ood_dev only (the test splits are never read here), resumable run by 
     python bench/sweep.py stage1 --table                     # the table again from the results file
 
 Each run's OUT is out/sweeps/NAME/<config>_seed<k>; the last of --stages is scored, and appends one line
-per dev split to bench/results/sweeps/NAME.jsonl (metrics, `scored_on`, minutes, machine, commit); a
-finished line is never run again. Arguments after `--` go to every train.py call (e.g. --limit).
-With --stage1_from (a run dir holding stage1/, {seed} filled in), runs start from that adapter; and when
-the grid changes nothing the DASA selection depends on, the selection of --selection_from or of the first
-run is copied to the others (the features of 4,000 rows are then computed once per seed, not once per run).
+per dev split to bench/results/sweeps/NAME.jsonl (metrics, `scored_on`, the minutes of that stage's train.py
+call, machine, commit); a finished line is never run again. Arguments after `--` go to every train.py call
+(e.g. --limit). With --stage1_from (a run dir holding stage1/; {seed} and the grid's keys, e.g. {batch_size},
+filled in), runs start from that adapter; and when the grid changes nothing the DASA selection depends on,
+the selection of --selection_from or of the first run is copied to the others (the features of 4,000 rows
+are then computed once per seed, not once per run).
 """
 import argparse
 import itertools
@@ -34,7 +35,7 @@ def get_args(argv):
     p.add_argument("--grid", action="append", default=[], help="ARG=v1,v2,... (train.py argument without --)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--stages", default="1", help="train.py stages run in order in each run's OUT")
-    p.add_argument("--stage1_from", help="a run dir with stage1/ to start from; {seed} is filled in")
+    p.add_argument("--stage1_from", help="a run dir with stage1/ to start from; {seed} and the grid's keys are filled in")
     p.add_argument("--selection_from", help="a run dir whose stage2/ DASA selection to reuse; {seed} is filled in")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table", action="store_true", help="print the table from the results file, run nothing")
@@ -62,7 +63,7 @@ def done(args):
 def copy_start(args, out, seed, config):
     """stage1/ from --stage1_from; the selection of an earlier run of this seed when the grid keeps it."""
     if args.stage1_from and not (out / "stage1").exists():
-        shutil.copytree(Path(args.stage1_from.format(seed=seed)) / "stage1", out / "stage1")
+        shutil.copytree(Path(args.stage1_from.format(seed=seed, **config)) / "stage1", out / "stage1")
     if {k for k, _ in args.grid} & SELECTION_ARGS or (out / "stage2" / "dasa_selected.jsonl").exists():
         return
     given = [Path(args.selection_from.format(seed=seed))] if args.selection_from else []
