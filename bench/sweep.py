@@ -10,9 +10,9 @@ Each run's OUT is out/sweeps/NAME/<config>_seed<k>; the last of --stages is scor
 per dev split to bench/results/sweeps/NAME.jsonl (metrics, `scored_on`, the minutes of that stage's train.py
 call, machine, commit); a finished line is never run again. Arguments after `--` go to every train.py call
 (e.g. --limit). With --stage1_from (a run dir holding stage1/; {seed} and the grid's keys, e.g. {batch_size},
-filled in), runs start from that adapter; and when the grid changes nothing the DASA selection depends on,
-the selection of --selection_from or of the first run is copied to the others (the features of 4,000 rows
-are then computed once per seed, not once per run).
+filled in), runs start from that adapter; and when the grid changes nothing the DASA selection depends on
+(its settings, the stage-1 adapter), the selection of --selection_from or of the first run is copied to the
+others (the features of 4,000 rows are then computed once per seed, not once per run).
 """
 import argparse
 import itertools
@@ -61,13 +61,16 @@ def done(args):
 
 
 def copy_start(args, out, seed, config):
-    """stage1/ from --stage1_from; the selection of an earlier run of this seed when the grid keeps it."""
+    """stage1/ from --stage1_from; the selection of an earlier run of this seed when the grid keeps it and
+    both runs continue the same stage-1 adapter (the features, and so the selection, come from it)."""
+    start = lambda c: args.stage1_from.format(seed=seed, **c) if args.stage1_from else None  # noqa: E731
     if args.stage1_from and not (out / "stage1").exists():
-        shutil.copytree(Path(args.stage1_from.format(seed=seed, **config)) / "stage1", out / "stage1")
+        shutil.copytree(Path(start(config)) / "stage1", out / "stage1")
     if {k for k, _ in args.grid} & SELECTION_ARGS or (out / "stage2" / "dasa_selected.jsonl").exists():
         return
     given = [Path(args.selection_from.format(seed=seed))] if args.selection_from else []
-    for sel in [d / "stage2" for d in given] + [run_dir(args, c, seed) / "stage2" for c in configs(args) if c != config]:
+    same_start = [] if "1" in args.stages else [c for c in configs(args) if c != config and start(c) == start(config)]
+    for sel in [d / "stage2" for d in given] + [run_dir(args, c, seed) / "stage2" for c in same_start]:
         if (sel / "dasa_selected.jsonl").exists():
             (out / "stage2").mkdir(parents=True, exist_ok=True)
             shutil.copy(sel / "ood_report.json", out / "stage2")
