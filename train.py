@@ -24,7 +24,7 @@ After each stage, each split of --eval_on is scored (OUT/results.jsonl, OUT/pred
 is an adapter that scores on its own: PEFT files + darl_config.json (+ grade_head.safetensors).
 
 Choices, each in a line (numbers and the bench files that measured them are in the README):
-- Defaults chosen on the dev splits by bench/sweep.py: stage-1 lr / epochs, --dasa_lr_scale, --replay, --lp_lr (batch 16: not swept yet).
+- Defaults chosen on the dev splits by bench/sweep.py: stage-1 lr / epochs, --batch_size, --dasa_lr_scale, --replay, --lp_lr.
 - Balanced class weights n / (C n_c) for both losses: QBQTC is 63% "weak"; unweighted, stage 1 says "weak" too often (README: ce_w - ce).
 - Data parallel by a hand all-reduce of the summed per-example gradients: exact for unequal shards (DDP averages means).
 - The data order is a function of (seed, epoch): a checkpoint holds the step, weights, AdamW and RNG; resume is bit-identical.

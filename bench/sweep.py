@@ -101,6 +101,7 @@ def run(args, config, seed, mach):
                 "sweep": args.name, "config": config, "seed": seed, "stage": stage, "scored_on": r["split"],
                 "n": r["n"], "macro_f1": r["macro_f1"], "accuracy": r["accuracy"], "ece": r["ece"],
                 "minutes": round(seconds / 60, 2), "train_args": cmd, "machine": machine_line(mach),
+                "stage1_from": args.stage1_from and args.stage1_from.format(seed=seed, **config),
                 "commit": git_commit()})
 
 
