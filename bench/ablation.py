@@ -164,6 +164,15 @@ def stage_minutes(out):
     return read_json(path) if path.exists() else {}
 
 
+def timed(args, cmd, out, key):
+    """Run train.py and add its minutes to OUT/bench_minutes.json under `key`: they survive a cut run and a
+    stage trained by an earlier call (rare_shift's start() trains the largest budget's stage 2). Returns them."""
+    minutes = stage_minutes(out)
+    minutes[key] = minutes.get(key, 0) + run(args, cmd, out) / 60
+    write_json(out / "bench_minutes.json", minutes)
+    return minutes
+
+
 def train_row(args, row, seed, upto=None):
     """Train the row's missing stages (up to stage `upto`), each timed into OUT/bench_minutes.json. Also called
     for a finished row whose OUT is gone (its JSON is committed, its adapters are not): the rows and runs that
@@ -176,8 +185,7 @@ def train_row(args, row, seed, upto=None):
     found = [s for s in stages if (out / f"stage{s}" / "darl_config.json").exists() and s not in minutes]
     for stage in stages:
         if not (out / f"stage{stage}" / "darl_config.json").exists():
-            minutes[stage] = minutes.get(stage, 0) + run(args, train_cmd(args, row, seed, stage), out) / 60
-            write_json(out / "bench_minutes.json", minutes)
+            minutes = timed(args, train_cmd(args, row, seed, stage), out, stage)
     return out / f"stage{stages[-1]}" if stages else None, minutes, found
 
 

@@ -96,14 +96,6 @@ def eval_cmd(args, share, budget, selector, seed):
             "--eval_on", ",".join(ablation.TEST), *args.extra]
 
 
-def timed(args, cmd, out, key):
-    """Run train.py and keep its minutes in OUT/minutes.json: they survive a cut run and cover a stage 2 that
-    start() trained for a smaller budget."""
-    minutes = read_json(out / "minutes.json") if (out / "minutes.json").exists() else {}
-    minutes[key] = round(ablation.run(args, cmd, out) / 60, 2)
-    write_json(out / "minutes.json", minutes)
-
-
 def start(args, share, budget, selector, seed):
     """stage1/ from the ablation's darl row; the selection as the prefix of the largest budget's."""
     out = out_dir(args, share, budget, selector, seed)
@@ -115,7 +107,7 @@ def start(args, share, budget, selector, seed):
     src = out_dir(args, share, top, selector, seed)
     if not (src / "stage2" / "dasa_selected.jsonl").exists():
         start(args, share, top, selector, seed)
-        timed(args, train_cmd(args, share, top, selector, seed, "2"), src, "2")
+        ablation.timed(args, train_cmd(args, share, top, selector, seed, "2"), src, "2")
     (out / "stage2").mkdir(exist_ok=True)
     lines = (src / "stage2" / "dasa_selected.jsonl").read_text(encoding="utf-8").splitlines()[:budget]
     ablation.copy_in(src / "stage2" / "ood_report.json", out / "stage2" / "ood_report.json")
@@ -132,8 +124,8 @@ def run_one(args, share, budget, selector, seed):
     start(args, share, budget, selector, seed)
     for stage in ("2", "3"):
         if not (out / f"stage{stage}" / "darl_config.json").exists():
-            timed(args, train_cmd(args, share, budget, selector, seed, stage), out, stage)
-    timed(args, eval_cmd(args, share, budget, selector, seed), out, "eval")
+            ablation.timed(args, train_cmd(args, share, budget, selector, seed, stage), out, stage)
+    ablation.timed(args, eval_cmd(args, share, budget, selector, seed), out, "eval")
     name = f"med{share}_b{budget}_{selector}"
     results = [r for r in read_jsonl(out / "results.jsonl") if r["stage"].startswith("eval:")][-len(ablation.TEST):]
     selected = [json.loads(line) for line in open(out / "stage2" / "dasa_selected.jsonl", encoding="utf-8")]
@@ -142,7 +134,7 @@ def run_one(args, share, budget, selector, seed):
               "metrics": {r["split"]: r for r in results},
               "preds": ablation.export_predictions(args, name, seed, out, f"eval:{rel(out / 'stage3')}"),
               "selected_medical": sum(r.get("domain") == "medical" for r in selected), "selected": len(selected),
-              "minutes": read_json(out / "minutes.json"), "commands": [
+              "minutes": {k: round(v, 2) for k, v in ablation.stage_minutes(out).items()}, "commands": [
                   " ".join(train_cmd(args, share, budget, selector, seed, s)) for s in ("2", "3")]
               + [" ".join(eval_cmd(args, share, budget, selector, seed))],
               "settings": ablation.settings(args), "machine": machine_line(args.machine), "commit": git_commit(), "date": now()}
