@@ -60,16 +60,21 @@ def done(args):
     return {(tuple(sorted(r["config"].items())), r["seed"], r["stage"]) for r in found}
 
 
+def stage1_from(args, config, seed):
+    """The run dir --stage1_from names for this config and seed (None without --stage1_from)."""
+    return args.stage1_from and args.stage1_from.format(seed=seed, **config)
+
+
 def copy_start(args, out, seed, config):
     """stage1/ from --stage1_from; the selection of an earlier run of this seed when the grid keeps it and
     both runs continue the same stage-1 adapter (the features, and so the selection, come from it)."""
-    start = lambda c: args.stage1_from.format(seed=seed, **c) if args.stage1_from else None  # noqa: E731
-    if args.stage1_from and not (out / "stage1").exists():
-        shutil.copytree(Path(start(config)) / "stage1", out / "stage1")
+    start = stage1_from(args, config, seed)
+    if start and not (out / "stage1").exists():
+        shutil.copytree(Path(start) / "stage1", out / "stage1")
     if {k for k, _ in args.grid} & SELECTION_ARGS or (out / "stage2" / "dasa_selected.jsonl").exists():
         return
     given = [Path(args.selection_from.format(seed=seed))] if args.selection_from else []
-    same_start = [] if "1" in args.stages else [c for c in configs(args) if c != config and start(c) == start(config)]
+    same_start = [] if "1" in args.stages else [c for c in configs(args) if c != config and stage1_from(args, c, seed) == start]
     for sel in [d / "stage2" for d in given] + [run_dir(args, c, seed) / "stage2" for c in same_start]:
         if (sel / "dasa_selected.jsonl").exists():
             (out / "stage2").mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,7 @@ def run(args, config, seed, mach):
                 "sweep": args.name, "config": config, "seed": seed, "stage": stage, "scored_on": r["split"],
                 "n": r["n"], "macro_f1": r["macro_f1"], "accuracy": r["accuracy"], "ece": r["ece"],
                 "minutes": round(seconds / 60, 2), "train_args": cmd, "machine": machine_line(mach),
-                "stage1_from": args.stage1_from and args.stage1_from.format(seed=seed, **config),
+                "stage1_from": stage1_from(args, config, seed),
                 "commit": git_commit()})
 
 

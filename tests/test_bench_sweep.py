@@ -8,6 +8,13 @@ sys.path.insert(0, str(REPO / "bench"))
 import sweep  # noqa: E402
 
 
+def selected(stage2):
+    """As if this run's stage 2 had made its DASA selection."""
+    stage2.mkdir(parents=True)
+    for f in ("dasa_selected.jsonl", "ood_report.json"):
+        (stage2 / f).write_text("{}\n")
+
+
 def test_stage1_from_fills_the_seed_and_the_grid_keys(tmp_path, monkeypatch):
     """Catches a run that starts from another config's adapter (or a KeyError) when --stage1_from names a grid
     key, as the batch sweep does: each batch size's stages 2-3 must continue that batch size's stage 1, and
@@ -25,9 +32,7 @@ def test_stage1_from_fills_the_seed_and_the_grid_keys(tmp_path, monkeypatch):
         sweep.copy_start(args, out, 1, config)
         assert (out / "stage1" / "who").read_text() == f"{config['batch_size']}/1"
         assert not (out / "stage2").exists()
-        (out / "stage2").mkdir()  # as if this run's stage 2 had selected
-        for f in ("dasa_selected.jsonl", "ood_report.json"):
-            (out / "stage2" / f).write_text("{}\n")
+        selected(out / "stage2")
 
 
 def row(config, stage, split, f1, seed=0):
@@ -52,9 +57,7 @@ def test_runs_from_one_adapter_share_its_selection(tmp_path, monkeypatch):
     (tmp_path / "s1_seed0" / "stage1").mkdir(parents=True)
     args = sweep.get_args(["t_share", "--stages", "2,3", "--grid", "replay=1,2", "--stage1_from", str(tmp_path / "s1_seed{seed}")])
     first, second = sweep.configs(args)
-    (sweep.run_dir(args, first, 0) / "stage2").mkdir(parents=True)
-    for f in ("dasa_selected.jsonl", "ood_report.json"):
-        (sweep.run_dir(args, first, 0) / "stage2" / f).write_text("{}\n")
+    selected(sweep.run_dir(args, first, 0) / "stage2")
     out = sweep.run_dir(args, second, 0)
     out.mkdir(parents=True)
     sweep.copy_start(args, out, 0, second)
